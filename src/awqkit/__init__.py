@@ -1,0 +1,7 @@
+"""awqkit: activation-aware weight quantization with optional greedy flip rounding."""
+
+__version__ = "0.1.0"
+
+from awqkit.pipeline import QuantizeConfig, QuantizeResult, quantize, quantize_model  # noqa: E402
+
+__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "quantize_model", "__version__"]

@@ -1,0 +1,193 @@
+"""Calibration: which token windows, and one block's input statistics while walking the blocks.
+
+The walk runs the decoder one block at a time: block i sees the float outputs of block i-1.
+Per linear it keeps only float64 running sums of x and x^2 and a pre-drawn token subsample for
+the search, so memory holds one block's statistics plus the hidden states of the windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from awqkit.architectures import DecoderLayout, block_linears
+
+
+def bos_to_prepend(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one before plain text (Gemma does, SmolLM2 does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if len(with_special) > len(plain) and with_special[0] == bos else None
+
+
+def tokenize_text(tokenizer: Any, text: str, chunk_chars: int = 1 << 20) -> torch.Tensor:
+    """Token ids of ``text`` without special tokens, tokenized in paragraph-aligned chunks."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.find("\n\n", start + chunk_chars)
+        end = len(text) if end == -1 else end
+        pieces.append(text[start:end])
+        start = end
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    return torch.tensor([t for piece in ids for t in piece], dtype=torch.long)
+
+
+def cut_windows(ids: torch.Tensor, seq_len: int, bos_id: int | None) -> torch.Tensor:
+    """All non-overlapping windows of ``seq_len`` tokens, each led by BOS when given."""
+    body = seq_len - (bos_id is not None)
+    if body < 1:
+        raise ValueError(f"seq-len {seq_len} leaves no room for text")
+    n = ids.numel() // body
+    windows = ids[: n * body].view(n, body)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=ids.dtype), windows], dim=1)
+    return windows
+
+
+def calibration_windows(
+    ids: torch.Tensor, n_windows: int, seq_len: int, seed: int, bos_id: int | None
+) -> torch.Tensor:
+    """``n_windows`` windows drawn without replacement by a seeded generator."""
+    windows = cut_windows(ids, seq_len, bos_id)
+    if len(windows) < n_windows:
+        raise ValueError(
+            f"calibration text too short: {ids.numel()} tokens make {len(windows)} windows of "
+            f"{seq_len}, {n_windows} needed"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return windows[torch.randperm(len(windows), generator=generator)[:n_windows]]
+
+
+def search_token_indices(n_tokens: int, max_tokens: int, seed: int) -> torch.Tensor:
+    """Sorted flat indices of the tokens the alpha search measures its error on."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_tokens, generator=generator)[:max_tokens].sort().values
+
+
+@dataclass
+class LinearStats:
+    """Running statistics of one linear's input over all calibration tokens."""
+
+    sum_x: torch.Tensor
+    sum_x2: torch.Tensor
+    count: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, in_features: int) -> "LinearStats":
+        zeros = torch.zeros(in_features, dtype=torch.float64)
+        return cls(zeros, zeros.clone())
+
+    def add(self, x: torch.Tensor, sample_rows: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        x64 = x.double()
+        self.sum_x += x64.sum(dim=0)
+        self.sum_x2 += x64.square().sum(dim=0)
+        self.count += x.shape[0]
+        self.samples.append(x[sample_rows])
+
+    def mean(self) -> torch.Tensor:
+        return self.sum_x / self.count
+
+    def mean_square(self) -> torch.Tensor:
+        """The AWQ salience E[x_j^2]."""
+        return self.sum_x2 / self.count
+
+    def search_tokens(self) -> torch.Tensor:
+        return torch.cat(self.samples)
+
+
+BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keyword args
+
+
+def capture_block_inputs(
+    layout: DecoderLayout, windows: torch.Tensor, batch_size: int, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[list[BlockArgs]]]:
+    """Hidden states entering block 0, and the arguments each block receives, per batch.
+
+    Arguments are captured per block, not once at block 0: models that alternate attention types
+    (Gemma3: sliding vs full, with different rotary bases and masks) pass each block its own.
+    The blocks are replaced by pass-throughs, so this costs one embedding lookup per batch.
+    """
+    records: list[BlockArgs] = []
+    first_inputs: list[torch.Tensor] = []
+
+    def pass_through(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                first_inputs.append(hidden)
+            records.append((args[1:], kwargs))
+            return hidden
+
+        return forward
+
+    per_block: list[list[BlockArgs]] = [[] for _ in layout.blocks]
+    for index, block in enumerate(layout.blocks):
+        block.forward = pass_through(index)
+    try:
+        embed = layout.decoder.get_input_embeddings()
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                records.clear()
+                layout.decoder(inputs_embeds=embed(batch).to(dtype), use_cache=False)
+                for index, args in enumerate(records):
+                    per_block[index].append(args)
+    finally:
+        for block in layout.blocks:
+            del block.forward
+    return first_inputs, per_block
+
+
+def walk_blocks(
+    layout: DecoderLayout,
+    windows: torch.Tensor,
+    *,
+    search_indices: torch.Tensor,
+    batch_size: int = 8,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Iterator[tuple[int, nn.Module, dict[str, LinearStats]]]:
+    """Yield (index, block, input statistics of its linears), one block at a time.
+
+    Each block runs in ``compute_dtype`` while it is visited and goes back to its own dtype when
+    the caller resumes the walk, so weights the caller writes are rounded to the model's dtype.
+    The next block's inputs are this block's outputs computed before the caller touched it.
+    """
+    hidden, block_args = capture_block_inputs(layout, windows, batch_size, compute_dtype)
+    tokens_per_batch = [h.shape[0] * h.shape[1] for h in hidden]
+    starts = torch.tensor([0] + tokens_per_batch).cumsum(0)
+    rows_per_batch = [
+        search_indices[(search_indices >= lo) & (search_indices < hi)] - lo
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist())
+    ]
+
+    for index, block in enumerate(layout.blocks):
+        own_dtype = next(block.parameters()).dtype
+        block.to(compute_dtype)
+        linears = block_linears(block)
+        stats = {name: LinearStats.empty(linear.in_features) for name, linear in linears.items()}
+        batch = {"rows": rows_per_batch[0]}
+
+        def record(name: str):
+            return lambda module, args: stats[name].add(args[0], batch["rows"])
+
+        handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
+        outputs = []
+        try:
+            with torch.no_grad():
+                for b, (h, (args, kwargs)) in enumerate(zip(hidden, block_args[index])):
+                    batch["rows"] = rows_per_batch[b]
+                    out = block(h, *args, **kwargs)
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield index, block, stats
+        block.to(own_dtype)
+        hidden = outputs

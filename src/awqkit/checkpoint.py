@@ -1,0 +1,75 @@
+"""Loading models and writing quantized folders, atomically: a folder exists only when complete."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_model(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, in the dtype the checkpoint was saved in unless ``dtype`` says."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"output folder exists: {out_dir} (pass --overwrite to replace it)")
+
+
+def write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write`` on a temporary sibling folder, then rename it to ``out_dir``."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_quantized(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    record: dict,
+    scales: dict[str, torch.Tensor],
+    overwrite: bool = False,
+) -> Path:
+    """Weights in the model's dtype, config, tokenizer, awqkit.json and awq_scales.safetensors."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "awqkit.json").write_text(json.dumps(record, indent=2) + "\n")
+        save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})
+
+    return write_atomically(out_dir, overwrite, write)

@@ -1,0 +1,88 @@
+"""How a weight matrix becomes per-group integers, scales and zeros, and back.
+
+Groups run along the input dimension (dim 1). When ``group_size`` does not divide the number of
+input features, the last group of every row is shorter and has its own scale and zero.
+Each quantize has its dequantize; rounding is a pluggable strategy (see ``rounding.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# (u, scale_cols, max_int) -> integers in [0, max_int]; u = w / scale + zero, per column.
+RoundingFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GroupQuantized:
+    """Integers ``q`` [out, in] with per-group ``scale`` and ``zero`` [out, n_groups]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+
+
+def check_quant_args(bits: int, group_size: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if group_size < 1:
+        raise ValueError(f"group size must be >= 1, got {group_size}")
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """[out, n_groups] -> [out, in]: each group's value repeated over its columns."""
+    return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of ``w`` [out, in]; a short last group ignores the padding."""
+    out_features, in_features = w.shape
+    pad = num_groups(in_features, group_size) * group_size - in_features
+    shape = (out_features, -1, group_size)
+    w_min = torch.nn.functional.pad(w, (0, pad), value=float("inf")).reshape(shape).amin(dim=2)
+    w_max = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).reshape(shape).amax(dim=2)
+    return w_min, w_max
+
+
+def groupwise_qparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max scale and integer zero point per group."""
+    max_int = 2**bits - 1
+    w_min, w_max = group_min_max(w, group_size)
+    scale = ((w_max - w_min) / max_int).clamp(min=1e-8)
+    zero = torch.round(-w_min / scale).clamp(0, max_int)
+    return scale, zero
+
+
+def round_nearest(u: torch.Tensor, scale_cols: torch.Tensor, max_int: int) -> torch.Tensor:
+    return torch.round(u).clamp(0, max_int)
+
+
+def quantize_groupwise(
+    w: torch.Tensor, bits: int, group_size: int, rounding: RoundingFn = round_nearest
+) -> GroupQuantized:
+    """Quantize ``w`` [out, in] to ``bits``-bit integers in groups of ``group_size`` columns."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    check_quant_args(bits, group_size)
+    scale, zero = groupwise_qparams(w, bits, group_size)
+    in_features = w.shape[1]
+    scale_cols = expand_groups(scale, group_size, in_features)
+    u = w / scale_cols + expand_groups(zero, group_size, in_features)
+    q = rounding(u, scale_cols, 2**bits - 1)
+    return GroupQuantized(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size)
+
+
+def dequantize_groupwise(qw: GroupQuantized) -> torch.Tensor:
+    in_features = qw.q.shape[1]
+    scale_cols = expand_groups(qw.scale, qw.group_size, in_features)
+    zero_cols = expand_groups(qw.zero, qw.group_size, in_features)
+    return (qw.q - zero_cols) * scale_cols

@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from awqkit.quant import expand_groups, quantize_groupwise
+from awqkit.rounding import GreedyFlipRounding, outlier_mask, row_output_error
+
+
+def _case(seed: int = 0, out: int = 24, inp: int = 96, bits: int = 4, group_size: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    act_mean = torch.randn(inp, generator=g).double() + 0.3
+    return w, act_mean, bits, group_size
+
+
+def _quantize(w, act_mean, bits, group_size, outlier_percent):
+    nearest = quantize_groupwise(w, bits, group_size)
+    greedy = quantize_groupwise(w, bits, group_size, GreedyFlipRounding(act_mean, outlier_percent))
+    scale = expand_groups(nearest.scale, group_size, w.shape[1])
+    u = w / scale + expand_groups(nearest.zero, group_size, w.shape[1])
+    unit_impact = act_mean[None, :] * scale.double()
+    return nearest, greedy, u, unit_impact
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_never_increases_row_error_and_moves_by_at_most_one(seed):
+    w, act_mean, bits, group_size = _case(seed)
+    nearest, greedy, u, unit_impact = _quantize(w, act_mean, bits, group_size, 0.05)
+    e_nearest = row_output_error(u, nearest.q, unit_impact).abs()
+    e_greedy = row_output_error(u, greedy.q, unit_impact).abs()
+    assert (e_greedy <= e_nearest + 1e-9).all()
+    assert e_greedy.sum() < 0.5 * e_nearest.sum()  # it does real work, not only "no worse"
+    moved = (greedy.q - nearest.q).abs()
+    assert moved.max() <= 1 and greedy.q.min() >= 0 and greedy.q.max() <= 2**bits - 1
+    # A flip goes to the other neighbour of u: the integer stays within one step of u.
+    assert ((u - greedy.q).abs()[moved == 1] < 1).all()
+    assert torch.equal(greedy.scale, nearest.scale) and torch.equal(greedy.zero, nearest.zero)
+
+
+def test_outlier_channels_are_never_flipped():
+    w, act_mean, bits, group_size = _case(7)
+    act_mean[5] = 50.0
+    act_mean[60] = -40.0
+    nearest, greedy, _, _ = _quantize(w, act_mean, bits, group_size, 0.05)
+    mask = outlier_mask(act_mean, 0.05)
+    assert mask[5] and mask[60] and mask.sum() == round(0.05 * 96)
+    assert torch.equal(greedy.q[:, mask], nearest.q[:, mask])
+    assert (greedy.q[:, ~mask] != nearest.q[:, ~mask]).any()
+
+
+def test_zero_and_full_outlier_percent():
+    w, act_mean, bits, group_size = _case(3)
+    nearest, all_masked, _, _ = _quantize(w, act_mean, bits, group_size, 1.0)
+    assert torch.equal(all_masked.q, nearest.q)  # nothing may flip: exactly nearest rounding
+    _, none_masked, u, unit_impact = _quantize(w, act_mean, bits, group_size, 0.0)
+    e = lambda q: row_output_error(u, q, unit_impact).abs()  # noqa: E731
+    assert (e(none_masked.q) <= e(nearest.q) + 1e-9).all()
+    assert (none_masked.q != nearest.q).any()
+    with pytest.raises(ValueError):
+        outlier_mask(act_mean, 1.5)
+
+
+def test_greedy_is_vectorised_rowwise_equivalent():
+    # Row independence: quantizing rows one at a time gives the same integers.
+    w, act_mean, bits, group_size = _case(11, out=6)
+    rounding = GreedyFlipRounding(act_mean, 0.05)
+    whole = quantize_groupwise(w, bits, group_size, rounding).q
+    rows = torch.cat([quantize_groupwise(w[i : i + 1], bits, group_size, rounding).q for i in range(6)])
+    assert torch.equal(whole, rows)
