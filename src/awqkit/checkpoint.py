@@ -14,21 +14,38 @@ from safetensors.torch import save_file
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def load_model(name_or_path: str, dtype: str = "auto") -> tuple[Any, Any]:
-    """A causal LM and its tokenizer, in the dtype the checkpoint was saved in unless ``dtype`` says."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+def _check_model_ref(name_or_path: str) -> None:
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
+
+
+def _one_line(name_or_path: str, error: OSError) -> FileNotFoundError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    _check_model_ref(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise _one_line(name_or_path, error) from None
+
+
+def load_model(name_or_path: str, dtype: str = "auto", tokenizer: Any = None) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, in the dtype the checkpoint was saved in unless ``dtype`` says."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tokenizer = tokenizer or load_tokenizer(name_or_path)
+    try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
     except OSError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}") from None
+        raise _one_line(name_or_path, error) from None
     model.eval()
     return model, tokenizer
 

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="awqkit: %(message)s")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -199,15 +199,19 @@ def quantize(
     progress: bool = True,
 ) -> QuantizeResult:
     """Load a causal LM, quantize it and write a folder that plain transformers loads."""
-    from awqkit.checkpoint import check_output_dir, load_model, save_quantized
+    from awqkit.checkpoint import DTYPES, check_output_dir, load_model, load_tokenizer, save_quantized
 
     config.validate()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_output_dir(out_dir, overwrite)
     timings: dict[str, float] = defaultdict(float)
-    with timed(timings, "load"):
-        model, tokenizer = load_model(model_name_or_path, dtype)
+    # Text problems surface before the (slow) model load.
     with timed(timings, "calibration data"):
+        tokenizer = load_tokenizer(model_name_or_path)
         windows = calibration_data(tokenizer, config)
+    with timed(timings, "load"):
+        model, _ = load_model(model_name_or_path, dtype, tokenizer)
     log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_data)
     result = quantize_model(model, windows, config, progress=progress)
     with timed(timings, "save"):

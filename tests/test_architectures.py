@@ -1,0 +1,75 @@
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from awqkit.architectures import UnsupportedModelError, block_linears, find_decoder
+from awqkit.calibration import search_token_indices, walk_blocks
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_decoder_blocks_and_linears_are_found_generically(model_type):
+    model = tiny_model(model_type)
+    layout = find_decoder(model)
+    assert layout.blocks_name == "model.layers"
+    assert len(layout.blocks) == model.config.num_hidden_layers
+    names = set(block_linears(layout.blocks[0]))
+    assert names == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    }
+    all_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "lm_head" in all_linears and not any("lm_head" in n for n in names)
+
+
+def test_gpt2_conv1d_is_refused_in_one_line():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="Conv1D.*supported: .*Llama") as error:
+        find_decoder(model)
+    assert "\n" not in str(error.value)
+
+
+def _walk_output(model, windows):
+    layout = find_decoder(model)
+    outputs = []
+    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
+    for _ in walk_blocks(layout, windows, search_indices=search_token_indices(windows.numel(), 64, 0), batch_size=2):
+        pass
+    hook.remove()
+    # The first half fired during the capture pass, where blocks are pass-throughs.
+    return torch.cat(outputs[len(outputs) // 2 :])
+
+
+def _full_output(model, windows):
+    layout = find_decoder(model)
+    captured = []
+    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.no_grad():
+        model(windows)
+    hook.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
+def test_block_walk_reproduces_the_full_forward(model_type):
+    model = tiny_model(model_type)
+    windows = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))
+    full = _full_output(model, windows)
+    walked = _walk_output(model, windows)
+    assert torch.allclose(walked, full, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_blocks_get_their_own_attention_arguments():
+    # Block 5 is full attention, blocks 0-4 sliding: reusing block 0's mask and rotary tables
+    # for every block would change the result.
+    model = tiny_model("gemma3_text")
+    assert model.config.layer_types[0] != model.config.layer_types[5]
+    windows = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    full = _full_output(model, windows)
+    from awqkit.calibration import capture_block_inputs
+
+    layout = find_decoder(model)
+    _, per_block = capture_block_inputs(layout, windows, 2, torch.float32)
+    args0, args5 = per_block[0][0][1], per_block[5][0][1]
+    assert not torch.equal(args0["position_embeddings"][0], args5["position_embeddings"][0])
+    assert torch.allclose(_walk_output(model, windows), full, atol=1e-5)

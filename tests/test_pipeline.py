@@ -1,0 +1,104 @@
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from awqkit.cli import main
+from awqkit.quant import dequantize_groupwise, quantize_groupwise
+
+FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-tokens", "128", "--group-size", "32"]
+
+
+def _run(model_dir, out, calib, *extra):
+    return main(["--quiet", "quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def nearest_dir(tmp_path_factory, tiny_llama_dir, calib_text):
+    out = tmp_path_factory.mktemp("q") / "nearest"
+    assert _run(tiny_llama_dir, out, calib_text) == 0
+    return out
+
+
+def test_output_folder_is_complete_and_loads_with_plain_transformers(nearest_dir, tiny_llama_dir):
+    names = {p.name for p in nearest_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "awqkit.json", "awq_scales.safetensors", "tokenizer.json"} <= names
+    assert "generation_config.json" in names
+    assert not list(nearest_dir.parent.glob(".*tmp*"))
+    model = AutoModelForCausalLM.from_pretrained(nearest_dir, dtype="auto")
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    record = json.loads((nearest_dir / "awqkit.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["config"]["rounding"] == "nearest"
+    assert len(record["layers"]) == 14 and "versions" in record
+    # Untouched: embeddings, norms, lm_head. Changed: every block linear.
+    q_sd, o_sd = model.state_dict(), original.state_dict()
+    for name in o_sd:
+        changed = not torch.equal(q_sd[name], o_sd[name])
+        is_block_linear = name.startswith("model.layers.") and name.endswith("proj.weight")
+        assert changed == is_block_linear, name
+
+
+def test_saved_weight_is_q_of_ws_over_s(nearest_dir, tiny_llama_dir):
+    scales = load_file(nearest_dir / "awq_scales.safetensors")
+    saved = load_file(nearest_dir / "model.safetensors")
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    assert len(scales) == 14
+    for name, s in scales.items():
+        w = original[f"{name}.weight"].float()
+        expected = (dequantize_groupwise(quantize_groupwise(w * s, 4, 32)) / s).to(torch.bfloat16)
+        assert torch.equal(saved[f"{name}.weight"], expected), name
+
+
+def test_same_seed_gives_identical_files(nearest_dir, tiny_llama_dir, calib_text, tmp_path):
+    assert _run(tiny_llama_dir, tmp_path / "again", calib_text) == 0
+    assert _hashes(tmp_path / "again") == _hashes(nearest_dir)
+    assert _run(tiny_llama_dir, tmp_path / "other", calib_text, "--seed", "7") == 0
+    assert _hashes(tmp_path / "other")["model.safetensors"] != _hashes(nearest_dir)["model.safetensors"]
+
+
+def test_greedy_records_flips_and_differs(tiny_llama_dir, calib_text, tmp_path):
+    assert _run(tiny_llama_dir, tmp_path / "greedy", calib_text, "--rounding", "greedy") == 0
+    record = json.loads((tmp_path / "greedy" / "awqkit.json").read_text())
+    flips = [layer["flips"] for layer in record["layers"].values()]
+    assert all(f >= 0 for f in flips) and sum(flips) > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "9"], "bits must be in 2..8"),
+        (["--bits", "1"], "bits must be in 2..8"),
+        (["--group-size", "0"], "group size must be >= 1"),
+        (["--n-grid", "0"], "n-grid must be >= 1"),
+        (["--n-calib", "100000"], "calibration text too short"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(args, message, tiny_llama_dir, calib_text, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(tiny_llama_dir, out, calib_text, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_empty_corpus_and_existing_output(tiny_llama_dir, calib_text, tmp_path, capsys):
+    assert _run(tmp_path / "no-such-model", tmp_path / "a", calib_text) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert _run(tiny_llama_dir, tmp_path / "b", empty) == 2
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "exists").mkdir()
+    assert _run(tiny_llama_dir, tmp_path / "exists", calib_text) == 2
+    assert "output folder exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "exists"]
+    assert list((tmp_path / "exists").iterdir()) == []

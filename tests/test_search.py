@@ -1,0 +1,68 @@
+import torch
+
+from awqkit.quant import dequantize_groupwise, quantize_groupwise
+from awqkit.search import awq_scales, output_mse, search_alpha
+
+
+def _layer(seed: int = 0, out: int = 32, inp: int = 64, n: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inp, generator=g) * torch.linspace(0.1, 4.0, inp)  # uneven channel salience
+    w = torch.randn(out, inp, generator=g)
+    return w, x, x.double().square().mean(dim=0)
+
+
+def test_zero_salience_channel_gets_the_floor_not_a_bias():
+    salience = torch.tensor([0.0, 4.0, 1e-12], dtype=torch.float64)
+    s = awq_scales(salience, 0.5)
+    assert s[0] == 1e-5 and s[1] == 2.0 and s[2] == 1e-5
+    # The research code's bug computed (s + 1e-6)^alpha: for alpha=0.5 that is not 2.0.
+    assert awq_scales(salience, 0.0).eq(1.0).all()
+
+
+def test_error_equals_mse_of_biased_outputs():
+    w, x, salience = _layer()
+    bias = torch.randn(w.shape[0]) * 1e3
+    result = search_alpha(w.double(), x.double(), salience, bits=4, group_size=16, n_grid=4)
+    w_hat = result.dequantized()
+    y, y_hat = x.double() @ w.double().T + bias.double(), x.double() @ w_hat.T + bias.double()
+    assert abs(result.error - (y - y_hat).pow(2).mean().item()) <= 1e-9 * result.error
+    assert torch.allclose(torch.tensor(output_mse(x, w, w_hat.float())), torch.tensor(result.error), rtol=1e-4)
+
+
+def _argmin_with(error_of, w, x, salience, n_grid=10):
+    errors = []
+    for i in range(n_grid + 1):
+        s = awq_scales(salience, i / n_grid).float()
+        w_hat = dequantize_groupwise(quantize_groupwise(w * s, 4, 16)) / s
+        errors.append(error_of(w_hat))
+    return min(range(len(errors)), key=errors.__getitem__) / n_grid
+
+
+def test_bias_cancels_so_a_large_bias_changes_nothing():
+    w, x, salience = _layer(1)
+    chosen = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=10).alpha
+    bias = torch.full((w.shape[0],), 50.0)
+    # Both sides biased, computed the naive way in float64: same choice as the search.
+    both = _argmin_with(lambda w_hat: ((x @ w.T + bias).double() - (x @ w_hat.T + bias).double()).pow(2).mean(), w, x, salience)
+    assert both == chosen
+
+
+def test_bias_on_one_side_only_would_change_the_choice():
+    # The research code's real hazard: bias in the reference output but not in the quantized one.
+    w, x, _ = _layer(1)
+    x = x + 2.0  # real activations have a mean, which is what lets a one-sided bias leak in
+    salience = x.double().square().mean(dim=0)
+    chosen = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=10).alpha
+    bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(5)) * 3
+    one_sided = _argmin_with(lambda w_hat: ((x @ w.T + bias) - x @ w_hat.T).pow(2).mean(), w, x, salience)
+    assert one_sided != chosen
+
+
+def test_search_keeps_the_best_grid_point_and_beats_rtn():
+    w, x, salience = _layer(3)
+    result = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=20)
+    assert len(result.errors) == 21 and result.error == min(result.errors)
+    assert result.alpha == result.errors.index(min(result.errors)) / 20
+    assert result.error < result.errors[0]  # salience-aware scaling beats plain RTN here
+    # Q(W*s) lives on the integer grid; the stored float weight is Q(W*s)/s.
+    assert torch.allclose(result.dequantized() * result.scales, dequantize_groupwise(result.quantized))
