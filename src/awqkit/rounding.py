@@ -56,19 +56,35 @@ class GreedyFlipRounding:
         not_outlier = ~outlier_mask(self.act_mean, self.outlier_percent)[None, :]
         candidate = in_range & toward_zero & (impact != 0) & not_outlier
 
-        boundary_distance = 0.5 - (u - q).abs()
-        order = torch.where(candidate, boundary_distance, torch.inf).argsort(dim=1, stable=True)
-        cumulative = torch.where(candidate, impact, 0.0).gather(1, order).cumsum(dim=1)
-        cumulative = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative], dim=1)
-        residual = (error[:, None] - cumulative).abs()
-        n_candidates = candidate.sum(dim=1, keepdim=True)
-        prefix = torch.arange(residual.shape[1], device=u.device)[None, :]
-        residual = residual.masked_fill(prefix > n_candidates, torch.inf)
-        best_k = residual.argmin(dim=1, keepdim=True)
-
-        flip_sorted = prefix[:, :-1] < best_k
+        boundary_distance = torch.where(candidate, 0.5 - (u - q).abs(), torch.inf)
+        order, best_k = _best_prefix(boundary_distance, torch.where(candidate, impact, 0.0), error)
+        flip_sorted = torch.arange(order.shape[1], device=u.device)[None, :] < best_k
         flip = torch.zeros_like(candidate).scatter(1, order, flip_sorted)
         return q + direction * flip
+
+
+def _best_prefix(
+    distance: torch.Tensor, impact: torch.Tensor, error: torch.Tensor, first_k: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest-first candidate order and, per row, the prefix length minimising |error - sum|.
+
+    Every candidate's impact has the sign of the row error, so the running sum moves
+    monotonically toward and then past the error: |error - sum| falls, then rises. The best
+    prefix therefore ends where the sum crosses the error, and only the closest candidates up to
+    that point need ordering, so a partial sort (topk) that widens until every row crosses is
+    enough (non-candidates carry distance inf and impact 0).
+    """
+    n = distance.shape[1]
+    k = min(first_k, n)
+    while True:
+        nearest_k, order = distance.topk(k, dim=1, largest=False, sorted=True)
+        cumulative = impact.gather(1, order).cumsum(dim=1)
+        done = (cumulative[:, -1].abs() >= error.abs()) | nearest_k[:, -1].isinf()  # crossed, or no more
+        if k == n or bool(done.all()):
+            break
+        k = min(4 * k, n)
+    cumulative = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative], dim=1)
+    return order, (error[:, None] - cumulative).abs().argmin(dim=1, keepdim=True)
 
 
 # A rounding factory takes the AWQ scales of one grid point and returns the strategy to use there.

