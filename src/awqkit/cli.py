@@ -52,15 +52,103 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    from pathlib import Path
+
+    from awqkit.compare import EvalConfig
+    from awqkit.evaluation import MODES
+
+    defaults = EvalConfig()
+    p = sub.add_parser("eval", help="perplexity of models on the same token windows, each compared with the first")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="Hugging Face model ids or local folders")
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="CORPUS",
+        default=[",".join(defaults.datasets)],
+        help="corpus names or paths (.txt/.gz/.jsonl/.parquet), comma- or space-separated",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=defaults.mode,
+        help="stream: the text tokenized once and cut into windows; samples: random paragraphs, one per window",
+    )
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per window, BOS included")
+    p.add_argument("--n-samples", type=int, default=defaults.n_samples, help="paragraphs drawn in samples mode")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="for drawing samples and for the bootstrap")
+    p.add_argument("--dtype", default=defaults.dtype, help="auto (as saved), bfloat16, float16, float32")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows per dataset")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows per forward pass")
+    p.add_argument("--cache-dir", type=Path, default=defaults.cache_dir, help="per-window NLL cache, for resuming")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the per-window NLL cache")
+    p.add_argument("--json", metavar="OUT", help="write the full report, per-window NLLs included")
+    p.add_argument("--plot", metavar="OUT.png", help="write a bar chart of perplexities with 95%% CIs")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from awqkit.compare import EvalConfig, evaluate, format_table, plot_report
+
+    config = EvalConfig(
+        datasets=tuple(name for spec in args.datasets for name in spec.split(",") if name),
+        mode=args.mode,
+        seq_len=args.seq_len,
+        n_samples=args.n_samples,
+        seed=args.seed,
+        dtype=args.dtype,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        cache_dir=None if args.no_cache else args.cache_dir,
+    )
+    report = evaluate(args.models, config, progress=not args.quiet)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _diff_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "diff",
+        help="compare two safetensors checkpoints tensor by tensor (exit 0: identical, 1: differ, 2: error)",
+    )
+    p.add_argument("a", metavar="A", help="checkpoint folder or .safetensors file")
+    p.add_argument("b", metavar="B", help="checkpoint folder or .safetensors file")
+    p.add_argument("--json", metavar="OUT", help="write every tensor's numbers and the per-layer summary")
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from awqkit.diff import diff_checkpoints, format_diff
+
+    diff = diff_checkpoints(args.a, args.b)
+    print(format_diff(diff))
+    if args.json:
+        Path(args.json).write_text(json.dumps(diff.to_json(), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if diff.identical else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awqkit", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
+    _eval_parser(sub)
+    _diff_parser(sub)
     return parser
 
 
-COMMANDS = {"quantize": _run_quantize}
+COMMANDS = {"quantize": _run_quantize, "eval": _run_eval, "diff": _run_diff}
 
 
 def main(argv: list[str] | None = None) -> int:

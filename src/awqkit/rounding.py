@@ -64,7 +64,7 @@ class GreedyFlipRounding:
 
 
 def _best_prefix(
-    distance: torch.Tensor, impact: torch.Tensor, error: torch.Tensor, first_k: int = 32
+    distance: torch.Tensor, impact: torch.Tensor, error: torch.Tensor, first_k: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closest-first candidate order and, per row, the prefix length minimising |error - sum|.
 
