@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awqkit.architectures import find_decoder
-from awqkit.calibration import bos_to_prepend, calibration_windows, search_token_indices, tokenize_text, walk_blocks
+from awqkit.calibration import bos_to_prepend, calibration_windows, sample_text_ids, search_token_indices, walk_blocks
 from awqkit.quant import check_quant_args, quantize_groupwise
 from awqkit.rounding import ROUNDINGS, make_rounding
 from awqkit.search import search_alpha
@@ -163,7 +163,8 @@ def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
     from awqkit.corpora import load_corpus
 
     text = load_corpus(config.calib_data, split="train")
-    ids = tokenize_text(tokenizer, text)
+    # Twice the tokens needed, so the seeded window draw still has a choice to make.
+    ids = sample_text_ids(tokenizer, text, 2 * config.n_calib * config.seq_len, config.seed)
     return calibration_windows(ids, config.n_calib, config.seq_len, config.seed, bos_to_prepend(tokenizer))
 
 
