@@ -197,22 +197,34 @@ def walk_blocks(
         block.to(compute_dtype)
         linears = block_linears(block)
         stats = {name: LinearStats.empty(linear.in_features) for name, linear in linears.items()}
-        batch = {"rows": rows_per_batch[0]}
+        batch: dict[str, Any] = {"rows": rows_per_batch[0], "seen": []}
 
         def record(name: str):
-            return lambda module, args: stats[name].add(args[0], batch["rows"])
+            def hook(module: nn.Module, args: tuple) -> None:
+                # Linears fed the same tensor (q, k, v; gate, up) share one set of statistics.
+                # Holding the tensors seen in this batch keeps identity checks sound.
+                x = args[0]
+                shared = next((owner for seen, owner in batch["seen"] if seen is x), None)
+                if shared is None:
+                    batch["seen"].append((x, name))
+                    stats[name].add(x, batch["rows"])
+                else:
+                    stats[name] = stats[shared]
+
+            return hook
 
         handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
         outputs = []
         try:
             with torch.no_grad():
                 for b, (h, (args, kwargs)) in enumerate(zip(hidden, block_args[index])):
-                    batch["rows"] = rows_per_batch[b]
+                    batch["rows"], batch["seen"] = rows_per_batch[b], []
                     out = block(h, *args, **kwargs)
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
             for handle in handles:
                 handle.remove()
+            batch["seen"] = []
         yield index, block, stats
         block.to(own_dtype)
         hidden = outputs

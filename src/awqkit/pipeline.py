@@ -16,7 +16,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awqkit.architectures import find_decoder
-from awqkit.calibration import bos_to_prepend, calibration_windows, sample_text_ids, search_token_indices, walk_blocks
+from awqkit.calibration import (
+    LinearStats,
+    bos_to_prepend,
+    calibration_windows,
+    sample_text_ids,
+    search_token_indices,
+    walk_blocks,
+)
+from awqkit.corpora import load_corpus
 from awqkit.quant import check_quant_args, quantize_groupwise
 from awqkit.rounding import ROUNDINGS, make_rounding
 from awqkit.search import search_alpha
@@ -90,7 +98,7 @@ def _timed_steps(steps: Iterator, timings: dict[str, float], stage: str) -> Iter
 
 
 def quantize_linear(
-    linear: nn.Linear, stats: Any, config: QuantizeConfig, timings: dict[str, float]
+    linear: nn.Linear, stats: LinearStats, config: QuantizeConfig, timings: dict[str, float]
 ) -> tuple[LayerRecord, torch.Tensor]:
     """Search alpha for one linear, write Q(W*s)/s into it, return its record and s."""
     rounding = make_rounding(config.rounding, stats.mean(), config.outlier_percent)
@@ -160,8 +168,6 @@ def quantize_model(
 
 
 def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
-    from awqkit.corpora import load_corpus
-
     text = load_corpus(config.calib_data, split="train")
     # Twice the tokens needed, so the seeded window draw still has a choice to make.
     ids = sample_text_ids(tokenizer, text, 2 * config.n_calib * config.seq_len, config.seed)

@@ -1,0 +1,42 @@
+import pytest
+import torch
+from conftest import tiny_model
+
+from awqkit.architectures import find_decoder
+from awqkit.calibration import calibration_windows, cut_windows, search_token_indices, walk_blocks
+
+
+def test_windows_are_seeded_and_bos_led():
+    ids = torch.arange(1000)
+    a = calibration_windows(ids, 5, 64, seed=1, bos_id=7)
+    assert torch.equal(a, calibration_windows(ids, 5, 64, seed=1, bos_id=7))
+    assert not torch.equal(a, calibration_windows(ids, 5, 64, seed=2, bos_id=7))
+    assert (a[:, 0] == 7).all() and a.shape == (5, 64)
+    assert torch.equal(cut_windows(ids, 10, None)[3], torch.arange(30, 40))
+    with pytest.raises(ValueError, match="too short"):
+        calibration_windows(ids, 100, 64, seed=1, bos_id=None)
+
+
+def test_statistics_match_the_inputs_and_shared_inputs_share_them():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    layout = find_decoder(model)
+    captured = {}
+    attn, mlp = layout.blocks[0].self_attn, layout.blocks[0].mlp
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, key=key: captured.setdefault(key, []).append(args[0]))
+        for key, m in (("q", attn.q_proj), ("o", attn.o_proj), ("down", mlp.down_proj))
+    ]
+    indices = search_token_indices(windows.numel(), 20, 3)
+    _, _, stats = next(walk_blocks(layout, windows, search_indices=indices, batch_size=3))
+    for hook in hooks:
+        hook.remove()
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+    for key, name in (("q", "self_attn.q_proj"), ("o", "self_attn.o_proj"), ("down", "mlp.down_proj")):
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[key][-2:]]).double()  # walk's 2 batches
+        assert stats[name].count == 64
+        assert torch.allclose(stats[name].mean_square(), x.square().mean(0))
+        assert torch.allclose(stats[name].mean(), x.mean(0))
+        assert torch.equal(stats[name].search_tokens(), x[indices].float())
