@@ -102,3 +102,12 @@ def test_missing_model_empty_corpus_and_existing_output(tiny_llama_dir, calib_te
     assert "output folder exists" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "exists"]
     assert list((tmp_path / "exists").iterdir()) == []
+
+
+def test_quiet_works_before_or_after_the_command():
+    from awqkit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["quantize", "m", "--out", "o", "--quiet"]).quiet
+    assert parser.parse_args(["--quiet", "quantize", "m", "--out", "o"]).quiet
+    assert not parser.parse_args(["quantize", "m", "--out", "o"]).quiet

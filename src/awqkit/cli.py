@@ -142,9 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awqkit", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
-    _quantize_parser(sub)
-    _eval_parser(sub)
-    _diff_parser(sub)
+    for add in (_quantize_parser, _eval_parser, _diff_parser):
+        add(sub)
+    # --quiet also works after the command; SUPPRESS keeps a top-level --quiet from being reset.
+    for command in sub.choices.values():
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
     return parser
 
 
