@@ -63,7 +63,10 @@ def write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
+        # mkdtemp (and safetensors' writer) make things private; a checkpoint is an ordinary folder.
+        tmp.chmod(0o755)
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
