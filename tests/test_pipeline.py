@@ -33,6 +33,8 @@ def test_output_folder_is_complete_and_loads_with_plain_transformers(nearest_dir
     assert {"config.json", "model.safetensors", "awqkit.json", "awq_scales.safetensors", "tokenizer.json"} <= names
     assert "generation_config.json" in names
     assert not list(nearest_dir.parent.glob(".*tmp*"))
+    assert nearest_dir.stat().st_mode & 0o777 == 0o755
+    assert (nearest_dir / "model.safetensors").stat().st_mode & 0o777 == 0o644
     model = AutoModelForCausalLM.from_pretrained(nearest_dir, dtype="auto")
     original = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype="auto")
     assert model.dtype == torch.bfloat16
