@@ -1,10 +1,9 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, walked_last_block_output
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from awqkit.architectures import UnsupportedModelError, block_linears, find_decoder
-from awqkit.calibration import search_token_indices, walk_blocks
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
@@ -29,17 +28,6 @@ def test_gpt2_conv1d_is_refused_in_one_line():
     assert "\n" not in str(error.value)
 
 
-def _walk_output(model, windows):
-    layout = find_decoder(model)
-    outputs = []
-    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
-    for _ in walk_blocks(layout, windows, search_indices=search_token_indices(windows.numel(), 64, 0), batch_size=2):
-        pass
-    hook.remove()
-    # The first half fired during the capture pass, where blocks are pass-throughs.
-    return torch.cat(outputs[len(outputs) // 2 :])
-
-
 def _full_output(model, windows):
     layout = find_decoder(model)
     captured = []
@@ -55,7 +43,7 @@ def test_block_walk_reproduces_the_full_forward(model_type):
     model = tiny_model(model_type)
     windows = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))
     full = _full_output(model, windows)
-    walked = _walk_output(model, windows)
+    walked = walked_last_block_output(model, windows)
     assert torch.allclose(walked, full, atol=1e-5, rtol=1e-5)
 
 
@@ -72,4 +60,4 @@ def test_gemma3_blocks_get_their_own_attention_arguments():
     _, per_block = capture_block_inputs(layout, windows, 2, torch.float32)
     args0, args5 = per_block[0][0][1], per_block[5][0][1]
     assert not torch.equal(args0["position_embeddings"][0], args5["position_embeddings"][0])
-    assert torch.allclose(_walk_output(model, windows), full, atol=1e-5)
+    assert torch.allclose(walked_last_block_output(model, windows), full, atol=1e-5)

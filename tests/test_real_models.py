@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import walked_last_block_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import awqkit.pipeline
 from awqkit.architectures import find_decoder
-from awqkit.calibration import bos_to_prepend, calibration_windows, search_token_indices, tokenize_text, walk_blocks
+from awqkit.calibration import bos_to_prepend, calibration_windows, tokenize_text
 from awqkit.checkpoint import load_model, save_quantized
 from awqkit.cli import main
 from awqkit.corpora import load_corpus
@@ -38,14 +39,8 @@ def test_block_walk_reproduces_the_final_hidden_state(name, request):
     windows = calibration_windows(ids, 2, 64, 0, bos_to_prepend(tokenizer))
     with torch.no_grad():
         expected = model.model(windows).last_hidden_state
-    layout = find_decoder(model)
-    outputs = []
-    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
-    for _ in walk_blocks(layout, windows, search_indices=search_token_indices(windows.numel(), 32, 0), batch_size=1):
-        pass
-    hook.remove()
     with torch.no_grad():
-        walked = model.model.norm(torch.cat(outputs[len(outputs) // 2 :]))
+        walked = model.model.norm(walked_last_block_output(model, windows, batch_size=1))
     assert torch.allclose(walked, expected, atol=1e-4, rtol=1e-4)
 
 
