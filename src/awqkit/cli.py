@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from typing import Any
 
 from awqkit.pipeline import QuantizeConfig
 
 DEFAULTS = QuantizeConfig()
+
+
+def _config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """A config dataclass from the options named like its fields; ``overrides`` for the rest."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
 
 
 def _quantize_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,19 +41,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
 def _run_quantize(args: argparse.Namespace) -> int:
     from awqkit.pipeline import quantize
 
-    config = QuantizeConfig(
-        bits=args.bits,
-        group_size=args.group_size,
-        n_grid=args.n_grid,
-        n_calib=args.n_calib,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        rounding=args.rounding,
-        outlier_percent=args.outlier_percent,
-        max_search_tokens=args.max_search_tokens,
-        calib_data=args.calib_data,
-        batch_size=args.batch_size,
-    )
+    config = _config_from_args(QuantizeConfig, args)
     result = quantize(args.model, args.out, config, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     alphas = [layer.alpha for layer in result.layers.values()]
     print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}")
@@ -92,15 +88,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from awqkit.compare import EvalConfig, evaluate, format_table, plot_report
 
-    config = EvalConfig(
+    config = _config_from_args(
+        EvalConfig,
+        args,
         datasets=tuple(name for spec in args.datasets for name in spec.split(",") if name),
-        mode=args.mode,
-        seq_len=args.seq_len,
-        n_samples=args.n_samples,
-        seed=args.seed,
-        dtype=args.dtype,
-        max_windows=args.max_windows,
-        batch_size=args.batch_size,
         cache_dir=None if args.no_cache else args.cache_dir,
     )
     report = evaluate(args.models, config, progress=not args.quiet)
