@@ -33,6 +33,11 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outlier-percent", type=float, default=DEFAULTS.outlier_percent)
     p.add_argument("--max-search-tokens", type=int, default=DEFAULTS.max_search_tokens)
     p.add_argument("--calib-data", default=DEFAULTS.calib_data, help="corpus name or path (.txt/.gz/.jsonl/.parquet)")
+    p.add_argument(
+        "--calib-tokens",
+        metavar="FILE.npy",
+        help="token windows [n, seq-len] (BOS included) to calibrate on instead of --calib-data",
+    )
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="calibration windows per forward")
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float16, float32")
     p.add_argument("--overwrite", action="store_true")

@@ -7,7 +7,7 @@ import resource
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +44,9 @@ class QuantizeConfig:
     outlier_percent: float = 0.05
     max_search_tokens: int = 2048
     calib_data: str = "wikitext2"
+    # Token windows [n, seq_len] saved with numpy (.npy), BOS included: used as-is instead of
+    # drawing from calib_data, so other tools can calibrate on exactly the same tokens.
+    calib_tokens: str | None = None
     batch_size: int = 8
     # fp32 matmuls are ~7x faster than bf16 on AVX2-only CPUs (measured: 110 vs 15 GFLOP/s);
     # bf16/fp16 weights upcast exactly, and the stored weights are rounded back to the model dtype.
@@ -167,7 +170,23 @@ def quantize_model(
     return QuantizeResult(layers, scales, dict(timings), peak_rss_gib())
 
 
+def load_calibration_tokens(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """Windows saved as a 2-D integer .npy file, checked against the tokenizer's vocabulary."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration token file not found: {path}")
+    ids = torch.from_numpy(np.load(path, allow_pickle=False)).long()
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{path}: expected a non-empty [n_windows, seq_len] array, got shape {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"{path}: token ids outside the tokenizer's vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
+    if config.calib_tokens is not None:
+        return load_calibration_tokens(config.calib_tokens, len(tokenizer))
     text = load_corpus(config.calib_data, split="train")
     # Twice the tokens needed, so the seeded window draw still has a choice to make.
     ids = sample_text_ids(tokenizer, text, 2 * config.n_calib * config.seq_len, config.seed)
@@ -217,9 +236,10 @@ def quantize(
     with timed(timings, "calibration data"):
         tokenizer = load_tokenizer(model_name_or_path)
         windows = calibration_data(tokenizer, config)
+        config = replace(config, n_calib=windows.shape[0], seq_len=windows.shape[1])
     with timed(timings, "load"):
         model, _ = load_model(model_name_or_path, dtype, tokenizer)
-    log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_data)
+    log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_tokens or config.calib_data)
     result = quantize_model(model, windows, config, progress=progress)
     with timed(timings, "save"):
         save_quantized(model, tokenizer, out_dir, run_record(model_name_or_path, model, config, result), result.scales, overwrite)
