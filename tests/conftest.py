@@ -25,7 +25,7 @@ TINY = {
 def tiny_model(model_type: str, layers: int = 2, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     params = dict(TINY[model_type], num_hidden_layers=6 if model_type == "gemma3_text" else layers, vocab_size=49152)
-    config = AutoConfig.for_model(model_type, **params, **overrides)
+    config = AutoConfig.for_model(model_type, **{**params, **overrides})
     return AutoModelForCausalLM.from_config(config).eval()
 
 

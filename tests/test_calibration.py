@@ -28,7 +28,7 @@ def test_statistics_match_the_inputs_and_shared_inputs_share_them():
         for key, m in (("q", attn.q_proj), ("o", attn.o_proj), ("down", mlp.down_proj))
     ]
     indices = search_token_indices(windows.numel(), 20, 3)
-    _, _, stats = next(walk_blocks(layout, windows, search_indices=indices, batch_size=3))
+    stats = next(walk_blocks(layout, windows, search_indices=indices, batch_size=3)).stats
     for hook in hooks:
         hook.remove()
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]

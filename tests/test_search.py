@@ -1,7 +1,7 @@
 import torch
 
 from awqkit.quant import dequantize_groupwise, quantize_groupwise
-from awqkit.search import awq_scales, output_mse, search_alpha
+from awqkit.search import alpha_grid, awq_scales, linear_output_error, output_mse, search_alpha
 
 
 def _layer(seed: int = 0, out: int = 32, inp: int = 64, n: int = 256):
@@ -9,6 +9,10 @@ def _layer(seed: int = 0, out: int = 32, inp: int = 64, n: int = 256):
     x = torch.randn(n, inp, generator=g) * torch.linspace(0.1, 4.0, inp)  # uneven channel salience
     w = torch.randn(out, inp, generator=g)
     return w, x, x.double().square().mean(dim=0)
+
+
+def _search(w, x, salience, n_grid):
+    return search_alpha(w, salience, linear_output_error(x, w), bits=4, group_size=16, alphas=alpha_grid(n_grid))
 
 
 def test_zero_salience_channel_gets_the_floor_not_a_bias():
@@ -22,7 +26,9 @@ def test_zero_salience_channel_gets_the_floor_not_a_bias():
 def test_error_equals_mse_of_biased_outputs():
     w, x, salience = _layer()
     bias = torch.randn(w.shape[0]) * 1e3
-    result = search_alpha(w.double(), x.double(), salience, bits=4, group_size=16, n_grid=4)
+    result = search_alpha(
+        w.double(), salience, linear_output_error(x.double(), w.double()), bits=4, group_size=16, alphas=alpha_grid(4)
+    )
     w_hat = result.dequantized()
     y, y_hat = x.double() @ w.double().T + bias.double(), x.double() @ w_hat.T + bias.double()
     assert abs(result.error - (y - y_hat).pow(2).mean().item()) <= 1e-9 * result.error
@@ -40,7 +46,7 @@ def _argmin_with(error_of, w, x, salience, n_grid=10):
 
 def test_bias_cancels_so_a_large_bias_changes_nothing():
     w, x, salience = _layer(1)
-    chosen = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=10).alpha
+    chosen = _search(w, x, salience, 10).alpha
     bias = torch.full((w.shape[0],), 50.0)
     # Both sides biased, computed the naive way in float64: same choice as the search.
     both = _argmin_with(lambda w_hat: ((x @ w.T + bias).double() - (x @ w_hat.T + bias).double()).pow(2).mean(), w, x, salience)
@@ -52,7 +58,7 @@ def test_bias_on_one_side_only_would_change_the_choice():
     w, x, _ = _layer(1)
     x = x + 2.0  # real activations have a mean, which is what lets a one-sided bias leak in
     salience = x.double().square().mean(dim=0)
-    chosen = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=10).alpha
+    chosen = _search(w, x, salience, 10).alpha
     bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(5)) * 3
     one_sided = _argmin_with(lambda w_hat: ((x @ w.T + bias) - x @ w_hat.T).pow(2).mean(), w, x, salience)
     assert one_sided != chosen
@@ -60,9 +66,28 @@ def test_bias_on_one_side_only_would_change_the_choice():
 
 def test_search_keeps_the_best_grid_point_and_beats_rtn():
     w, x, salience = _layer(3)
-    result = search_alpha(w, x, salience, bits=4, group_size=16, n_grid=20)
+    result = _search(w, x, salience, 20)
     assert len(result.errors) == 21 and result.error == min(result.errors)
     assert result.alpha == result.errors.index(min(result.errors)) / 20
     assert result.error < result.errors[0]  # salience-aware scaling beats plain RTN here
     # Q(W*s) lives on the integer grid; the stored float weight is Q(W*s)/s.
     assert torch.allclose(result.dequantized() * result.scales, dequantize_groupwise(result.quantized))
+
+
+def test_alpha_zero_alone_is_plain_round_to_nearest():
+    w, x, salience = _layer(4)
+    rtn = search_alpha(w, salience, linear_output_error(x, w), bits=4, group_size=16, alphas=[0.0])
+    assert rtn.scales.eq(1.0).all()
+    assert torch.equal(rtn.dequantized(), dequantize_groupwise(quantize_groupwise(w, 4, 16)))
+
+
+def test_stacked_linears_quantize_as_each_alone_at_the_same_scales():
+    # Groups run along rows, so stacking linears that share an input changes no integer.
+    w, x, salience = _layer(5)
+    a, b = w[:20], w[20:]
+    stacked = search_alpha(w, salience, linear_output_error(x, w), bits=4, group_size=16, alphas=[0.5])
+    alone = [search_alpha(part, salience, linear_output_error(x, part), bits=4, group_size=16, alphas=[0.5]) for part in (a, b)]
+    assert torch.equal(stacked.quantized.q, torch.cat([r.quantized.q for r in alone]))
+    n_a, n_b = a.shape[0], b.shape[0]
+    summed_squares = (alone[0].error * n_a + alone[1].error * n_b) / (n_a + n_b)
+    assert abs(stacked.error - summed_squares) <= 1e-5 * stacked.error

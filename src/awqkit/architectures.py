@@ -60,3 +60,60 @@ def _check_block(block: nn.Module, model_name: str) -> None:
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear of one block, by name relative to the block, in module order."""
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read one tensor, and the op whose output that tensor is.
+
+    Shared AWQ scales s multiply the columns of every ``balance`` linear, and 1/s folds into
+    ``smooth`` (a norm's weight, or a linear's output rows), so the model computes the same
+    function and the stored weights are exactly Q(W * s). ``module`` is the submodule whose output
+    the module objective compares (the attention block for q, k, v); None means the linear itself.
+    """
+
+    smooth: str
+    balance: tuple[str, ...]
+    module: str | None = None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    scale_groups: tuple[ScaleGroup, ...]
+    # Gemma's RMSNorm multiplies by (1 + weight), Llama's by weight.
+    norm_offset: float = 0.0
+
+
+def _llama_like(mlp_norm: str) -> tuple[ScaleGroup, ...]:
+    return (
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+        # Fits only when v_proj's outputs are o_proj's inputs one to one (no grouped-query attention).
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+        ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+        # down_proj reads act(gate) * up, which is linear in up_proj's output rows.
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    **{t: Architecture(_llama_like("post_attention_layernorm")) for t in ("llama", "mistral", "qwen2", "qwen3")},
+    **{t: Architecture(_llama_like("pre_feedforward_layernorm"), norm_offset=1.0) for t in ("gemma3", "gemma3_text")},
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """Where shared scales fold, from the model type: needed for ``--scales shared``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"shared scales need to know where scales fold, which awqkit knows for {', '.join(sorted(ARCHITECTURES))}, "
+            f"not {model_type!r}; use --scales per-linear"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def foldable(group: ScaleGroup, block: nn.Module) -> bool:
+    """Whether 1/s fits into ``smooth``: a linear's output rows must be the balance inputs one to one."""
+    smooth = block.get_submodule(group.smooth)
+    width = block.get_submodule(group.balance[0]).in_features
+    return not isinstance(smooth, nn.Linear) or smooth.out_features == width

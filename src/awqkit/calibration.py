@@ -8,7 +8,7 @@ the search, so memory holds one block's statistics plus the hidden states of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -170,6 +170,15 @@ def capture_block_inputs(
     return first_inputs, per_block
 
 
+@dataclass
+class BlockVisit:
+    index: int
+    block: nn.Module
+    stats: dict[str, LinearStats]  # per linear name; linears fed the same tensor share one object
+    # (args, kwargs) that each requested submodule received in the first calibration batch
+    module_inputs: dict[str, BlockArgs]
+
+
 def walk_blocks(
     layout: DecoderLayout,
     windows: torch.Tensor,
@@ -177,8 +186,9 @@ def walk_blocks(
     search_indices: torch.Tensor,
     batch_size: int = 8,
     compute_dtype: torch.dtype = torch.float32,
-) -> Iterator[tuple[int, nn.Module, dict[str, LinearStats]]]:
-    """Yield (index, block, input statistics of its linears), one block at a time.
+    record_modules: Sequence[str] = (),
+) -> Iterator[BlockVisit]:
+    """Visit the blocks one at a time with the input statistics of their linears.
 
     Each block runs in ``compute_dtype`` while it is visited and goes back to its own dtype when
     the caller resumes the walk, so weights the caller writes are rounded to the model's dtype.
@@ -197,6 +207,7 @@ def walk_blocks(
         block.to(compute_dtype)
         linears = block_linears(block)
         stats = {name: LinearStats.empty(linear.in_features) for name, linear in linears.items()}
+        module_inputs: dict[str, BlockArgs] = {}
         batch: dict[str, Any] = {"rows": rows_per_batch[0], "seen": []}
 
         def record(name: str):
@@ -213,7 +224,17 @@ def walk_blocks(
 
             return hook
 
+        def keep_inputs(name: str):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                module_inputs.setdefault(name, (args, kwargs))
+
+            return hook
+
         handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
+        handles += [
+            block.get_submodule(name).register_forward_pre_hook(keep_inputs(name), with_kwargs=True)
+            for name in record_modules
+        ]
         outputs = []
         try:
             with torch.no_grad():
@@ -225,6 +246,6 @@ def walk_blocks(
             for handle in handles:
                 handle.remove()
             batch["seen"] = []
-        yield index, block, stats
+        yield BlockVisit(index, block, stats, module_inputs)
         block.to(own_dtype)
         hidden = outputs

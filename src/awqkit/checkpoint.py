@@ -83,11 +83,18 @@ def save_quantized(
     record: dict,
     scales: dict[str, torch.Tensor],
     overwrite: bool = False,
+    *,
+    format: str = "fake",
+    quantized: dict[str, Any] | None = None,
 ) -> Path:
-    """Weights in the model's dtype, config, tokenizer, awqkit.json and awq_scales.safetensors."""
+    """Weights (float in the model's dtype, or packed), config, tokenizer, awqkit.json and the scales."""
+    from awqkit.formats import write_packed
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        if format == "fake":
+            model.save_pretrained(folder)
+        else:
+            write_packed(folder, model, quantized or {}, format)
         tokenizer.save_pretrained(folder)
         (folder / "awqkit.json").write_text(json.dumps(record, indent=2) + "\n")
         save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})

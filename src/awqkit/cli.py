@@ -8,7 +8,8 @@ import logging
 import sys
 from typing import Any
 
-from awqkit.pipeline import QuantizeConfig
+from awqkit.pipeline import FORMATS, OBJECTIVES, SCALES, QuantizeConfig
+from awqkit.rounding import ROUNDINGS
 
 DEFAULTS = QuantizeConfig()
 
@@ -29,7 +30,25 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-calib", type=int, default=DEFAULTS.n_calib)
     p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p.add_argument("--rounding", choices=["nearest", "greedy"], default=DEFAULTS.rounding)
+    p.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULTS.rounding)
+    p.add_argument(
+        "--scales",
+        choices=SCALES,
+        default=DEFAULTS.scales,
+        help="per-linear: one s per linear, fake-quant only; shared: one s per input, folded into the norm or linear before",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=DEFAULTS.objective,
+        help="what a shared s minimises: the linears' output error, or that of the attention/MLP they feed",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=DEFAULTS.format,
+        help="fake: float weights; awq: AutoAWQ GEMM int4; compressed-tensors: pack-quantized (packed need shared)",
+    )
     p.add_argument("--outlier-percent", type=float, default=DEFAULTS.outlier_percent)
     p.add_argument("--max-search-tokens", type=int, default=DEFAULTS.max_search_tokens)
     p.add_argument("--calib-data", default=DEFAULTS.calib_data, help="corpus name or path (.txt/.gz/.jsonl/.parquet)")

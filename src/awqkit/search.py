@@ -1,13 +1,15 @@
-"""Which AWQ scales minimise the output error of one linear layer.
+"""Which AWQ scales minimise the output error of a weight that reads one input.
 
 For alpha = i / n_grid: s = E[x^2]^alpha (clamped at 1e-5), W_hat = Q(W * s) / s, and the error is
-mean((X (W - W_hat)^T)^2). That equals the MSE of X W^T + b against X W_hat^T + b exactly: the bias
-cancels, so it never enters, and one product per alpha avoids subtracting two large outputs.
+what the caller measures on W_hat. For one linear (or several reading the same input, stacked by
+rows) it is mean((X (W - W_hat)^T)^2): that equals the MSE of X W^T + b against X W_hat^T + b
+exactly, since the bias cancels, and one product per alpha avoids subtracting two large outputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -24,13 +26,28 @@ def output_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return (x @ (w - w_hat).T).pow(2).mean().item()
 
 
+# W_hat -> the error it causes; the search minimises it.
+ErrorFn = Callable[[torch.Tensor], float]
+
+
+def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> ErrorFn:
+    """The output MSE of the linear(s) with weight ``w`` on input tokens ``x`` [n, in]."""
+    return lambda w_hat: output_mse(x, w, w_hat)
+
+
+def alpha_grid(n_grid: int) -> list[float]:
+    if n_grid < 1:
+        raise ValueError(f"n-grid must be >= 1, got {n_grid}")
+    return [i / n_grid for i in range(n_grid + 1)]
+
+
 @dataclass(frozen=True)
 class SearchResult:
     alpha: float
     scales: torch.Tensor
     quantized: GroupQuantized  # of W * scales
     error: float
-    errors: list[float]  # one per grid point, alpha = i / n_grid
+    errors: list[float]  # one per alpha tried, in order
 
     def dequantized(self) -> torch.Tensor:
         """The weight to store in float: Q(W * s) / s."""
@@ -39,28 +56,26 @@ class SearchResult:
 
 def search_alpha(
     w: torch.Tensor,
-    x: torch.Tensor,
     salience: torch.Tensor,
+    error_of: ErrorFn,
     *,
     bits: int,
     group_size: int,
-    n_grid: int,
+    alphas: Sequence[float],
     rounding: RoundingFactory | None = None,
 ) -> SearchResult:
-    """Grid-search alpha for weight ``w`` [out, in] on input tokens ``x`` [n, in].
+    """Try each alpha for weight ``w`` [out, in] with input salience E[x^2] [in].
 
     The first alpha with the smallest error wins, so ties go to the weaker scaling.
+    ``alphas=[0.0]`` gives s = 1: plain round-to-nearest (or greedy) with no scaling.
     """
-    if n_grid < 1:
-        raise ValueError(f"n-grid must be >= 1, got {n_grid}")
     rounding = rounding or (lambda scales: round_nearest)
     best: SearchResult | None = None
     errors: list[float] = []
-    for i in range(n_grid + 1):
-        alpha = i / n_grid
+    for alpha in alphas:
         scales = awq_scales(salience, alpha).to(w.dtype)
         quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales))
-        error = output_mse(x, w, dequantize_groupwise(quantized) / scales)
+        error = error_of(dequantize_groupwise(quantized) / scales)
         errors.append(error)
         if best is None or error < best.error:
             best = SearchResult(alpha, scales, quantized, error, errors)
