@@ -153,11 +153,27 @@ def _run_diff(args: argparse.Namespace) -> int:
     return 0 if diff.identical else 1
 
 
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="format, bits, group size, size and bits per weight of a checkpoint folder")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from awqkit.info import checkpoint_info, format_info, info_json
+
+    info = checkpoint_info(args.folder)
+    print(json.dumps(info_json(info), indent=1) if args.json else format_info(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awqkit", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_quantize_parser, _eval_parser, _diff_parser):
+    for add in (_quantize_parser, _eval_parser, _diff_parser, _info_parser):
         add(sub)
     # --quiet also works after the command; SUPPRESS keeps a top-level --quiet from being reset.
     for command in sub.choices.values():
@@ -165,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"quantize": _run_quantize, "eval": _run_eval, "diff": _run_diff}
+COMMANDS = {"quantize": _run_quantize, "eval": _run_eval, "diff": _run_diff, "info": _run_info}
 
 
 def main(argv: list[str] | None = None) -> int:

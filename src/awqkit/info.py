@@ -1,0 +1,109 @@
+"""What a checkpoint folder holds: format, bits, group size, size, bits per weight, who loads it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LOADERS = {
+    "awq": "transformers (with gptqmodel installed) and vLLM (awq, awq_marlin on capable GPUs)",
+    "compressed-tensors": "transformers (with compressed-tensors installed; decompresses on CPU) and vLLM (compressed-tensors WNA16)",
+    "fake": "any transformers or vLLM, as an ordinary float checkpoint",
+    "float": "any transformers or vLLM, as an ordinary float checkpoint",
+}
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8}
+# Tensors that make up one quantized linear in each packed format.
+PACKED_SUFFIXES = {
+    "awq": ("qweight", "qzeros", "scales"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"),
+}
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    format: str
+    bits: int | None
+    group_size: int | None
+    dtype: str | None
+    size_bytes: int
+    quantized_linears: int
+    quantized_weights: int
+    bits_per_weight: float | None  # of the quantized linears, scales and zeros included
+    loaders: str
+
+
+def _tensor_headers(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) from the safetensors headers, without reading any data."""
+    headers = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name == "awq_scales.safetensors":
+            continue
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        headers.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return headers
+
+
+def _bits_of(header: tuple[str, list[int]]) -> int:
+    dtype, shape = header
+    return DTYPE_BITS[dtype] * math.prod(shape)
+
+
+def checkpoint_info(folder: str | Path) -> CheckpointInfo:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"not a model folder (no config.json): {folder}")
+    config = json.loads((folder / "config.json").read_text())
+    record_path = folder / "awqkit.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    quant = config.get("quantization_config") or {}
+    headers = _tensor_headers(folder)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+
+    if quant.get("quant_method") == "awq":
+        fmt, bits, group_size = "awq", quant.get("bits", quant.get("w_bit")), quant.get("group_size", quant.get("q_group_size"))
+        bases = [k.removesuffix(".qweight") for k in headers if k.endswith(".qweight")]
+        weights = sum(math.prod(headers[f"{b}.qweight"][1]) * 32 // bits for b in bases)
+    elif quant.get("quant_method") == "compressed-tensors":
+        fmt = "compressed-tensors"
+        scheme = next(iter(quant["config_groups"].values()))["weights"]
+        bits, group_size = scheme["num_bits"], scheme.get("group_size")
+        bases = [k.removesuffix(".weight_packed") for k in headers if k.endswith(".weight_packed")]
+        # weight_shape holds [out, in]; the packed width is in * bits / 32, rounded up.
+        weights = sum(headers[f"{b}.weight_scale"][1][0] * headers[f"{b}.weight_packed"][1][1] * 32 // bits for b in bases)
+    elif record is not None:
+        fmt, bits, group_size = "fake", record["config"]["bits"], record["config"]["group_size"]
+        bases = list(record["layers"])
+        weights = sum(math.prod(headers[f"{b}.weight"][1]) for b in bases)
+    else:
+        return CheckpointInfo(str(folder), "float", None, None, dtype, size, 0, 0, None, LOADERS["float"])
+
+    suffixes = PACKED_SUFFIXES.get(fmt, ("weight",))
+    stored_bits = sum(_bits_of(headers[f"{b}.{s}"]) for b in bases for s in suffixes if f"{b}.{s}" in headers)
+    return CheckpointInfo(
+        str(folder), fmt, bits, group_size, dtype, size, len(bases), weights, stored_bits / max(weights, 1), LOADERS[fmt]
+    )
+
+
+def format_info(info: CheckpointInfo) -> str:
+    lines = [
+        f"path:              {info.path}",
+        f"format:            {info.format}",
+        f"bits / group size: {info.bits or '-'} / {info.group_size or '-'}",
+        f"dtype:             {info.dtype}",
+        f"size on disk:      {info.size_bytes / 2**20:.1f} MiB",
+        f"quantized linears: {info.quantized_linears} ({info.quantized_weights / 1e6:.1f} M weights)",
+    ]
+    if info.bits_per_weight is not None:
+        lines.append(f"bits per weight:   {info.bits_per_weight:.3f} (quantized linears, scales and zeros included)")
+    lines.append(f"loads in:          {info.loaders}")
+    return "\n".join(lines)
+
+
+def info_json(info: CheckpointInfo) -> dict:
+    return asdict(info)
