@@ -80,7 +80,7 @@ def test_greedy_records_flips_and_differs(tiny_llama_dir, calib_text, tmp_path):
         (["--bits", "9"], "bits must be in 2..8"),
         (["--bits", "1"], "bits must be in 2..8"),
         (["--group-size", "0"], "group size must be >= 1"),
-        (["--n-grid", "0"], "n-grid must be >= 1"),
+        (["--n-grid", "-1"], "n-grid must be >= 0"),
         (["--n-calib", "100000"], "calibration text too short"),
     ],
 )

@@ -26,7 +26,7 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--bits", type=int, default=DEFAULTS.bits)
     p.add_argument("--group-size", type=int, default=DEFAULTS.group_size)
-    p.add_argument("--n-grid", type=int, default=DEFAULTS.n_grid)
+    p.add_argument("--n-grid", type=int, default=DEFAULTS.n_grid, help="alphas i/n-grid, i = 0..n-grid; 0: plain RTN")
     p.add_argument("--n-calib", type=int, default=DEFAULTS.n_calib)
     p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)

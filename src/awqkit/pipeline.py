@@ -64,7 +64,9 @@ class QuantizeConfig:
 
     def validate(self) -> None:
         check_quant_args(self.bits, self.group_size)
-        for name in ("n_grid", "n_calib", "seq_len", "max_search_tokens", "batch_size"):
+        if self.n_grid < 0:
+            raise ValueError(f"n-grid must be >= 0 (0: round-to-nearest with no scaling), got {self.n_grid}")
+        for name in ("n_calib", "seq_len", "max_search_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.rounding not in ROUNDINGS:

@@ -36,9 +36,10 @@ def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> ErrorFn:
 
 
 def alpha_grid(n_grid: int) -> list[float]:
-    if n_grid < 1:
-        raise ValueError(f"n-grid must be >= 1, got {n_grid}")
-    return [i / n_grid for i in range(n_grid + 1)]
+    """alpha = i / n_grid for i = 0..n_grid; n_grid = 0 is alpha 0 alone: s = 1, no search (RTN)."""
+    if n_grid < 0:
+        raise ValueError(f"n-grid must be >= 0, got {n_grid}")
+    return [i / n_grid for i in range(n_grid + 1)] if n_grid else [0.0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,618 @@
+"""awqkit against llm-compressor's AWQ, side by side: quantize time, CPU time, peak RSS, perplexity.
+
+    benchmarks/compare_llmcompressor.sh            # sets up both environments, then runs this
+    benchmarks/compare_llmcompressor.sh --smoke    # the same code path at toy sizes (~10 min)
+
+Both tools read the same calibration token windows (one .npy file per model), use the same bits,
+group size, grid size and seed, and every output is scored by ``awqkit eval`` on the same
+held-out windows, llm-compressor's first so each CI is a paired difference against it. Each
+quantize run is its own process (wall, CPU and peak RSS from ``os.wait4``); runs are interleaved
+and repeated, and the medians are reported. llm-compressor runs in its own virtual environment
+(it pins an older transformers) through ``llmcompressor_awq.py``.
+
+Also measured: awqkit's stages against a FLOP floor from this machine's bf16 and fp32 matmul
+rates, and how awqkit's time and peak RSS grow with calibration tokens and with parameters
+(a randomly initialised Llama of ~1.5B parameters). The comparison table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from awqkit.pipeline import QuantizeConfig
+
+HERE = Path(__file__).resolve().parent
+LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
+LLMC = "llmc"  # the method name of llm-compressor's AWQ in every table
+
+# awqkit methods: name -> `awqkit quantize` options. "rtn" is AWQ at alpha = 0 (benchmarks/rtn.py).
+# shared-* use the module objective: one s per input, folded, chosen by the attention/MLP output
+# error, which is what llm-compressor does, so they are the like-for-like match.
+AWQKIT_METHODS = {
+    "rtn": None,
+    "nearest": ["--rounding", "nearest"],
+    "greedy": ["--rounding", "greedy"],
+    "shared-nearest": ["--scales", "shared", "--objective", "module", "--rounding", "nearest"],
+    "shared-greedy": ["--scales", "shared", "--objective", "module", "--rounding", "greedy"],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...] = ("smollm2", "gemma3")
+    group_sizes: tuple[int, ...] = (64,)
+    methods: tuple[str, ...] = (LLMC, *AWQKIT_METHODS)
+    bits: int = 4
+    n_calib: int = 8
+    seq_len: int = 128
+    n_grid: int = 20
+    seed: int = 42
+    repeats: int = 3
+    llmc_batch_size: int = 8
+    eval_windows: int = 10
+    eval_seq_len: int = 512
+    # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
+    scaling: bool = True
+    scaling_n_calib: tuple[int, ...] = (32, 128, 512)
+    scaling_seq_len: int = 64
+    scaling_n_grid: int = 10
+    scaling_max_search_tokens: int = 512
+    # the random Llama: hidden, intermediate, layers (2048, 8192, 22: ~1.5B parameters with SmolLM2's vocabulary)
+    big_shape: tuple[int, int, int] = (2048, 8192, 22)
+    big_n_calib: int = 8
+    big_seq_len: int = 128
+    big_n_grid: int = 4
+    big_max_search_tokens: int = 256
+    out: Path = HERE / "out" / "compare-llmcompressor"
+
+
+SMOKE = dict(
+    n_calib=4,
+    seq_len=64,
+    n_grid=2,
+    repeats=1,
+    eval_windows=2,
+    eval_seq_len=128,
+    scaling_n_calib=(4, 8),
+    scaling_seq_len=32,
+    scaling_n_grid=2,
+    scaling_max_search_tokens=64,
+    big_shape=(256, 1024, 2),
+    big_n_calib=2,
+    big_seq_len=32,
+    big_n_grid=2,
+    big_max_search_tokens=32,
+    out=HERE / "out" / "compare-llmcompressor-smoke",
+)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="toy sizes, one repeat: proves every step end to end")
+    p.add_argument("--models", type=_names, default=d.models, help="shipped names (smollm2, gemma3) or model folders")
+    p.add_argument("--group-sizes", type=_ints, default=d.group_sizes, help="pairs llm-compressor refuses are skipped")
+    p.add_argument("--methods", type=_names, default=d.methods, help=f"from {LLMC},{','.join(AWQKIT_METHODS)}")
+    p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
+    p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
+    p.add_argument("--n-grid", type=int, help=f"alpha grid points, both tools (default {d.n_grid})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--repeats", type=int, help=f"timed runs per method (default {d.repeats})")
+    p.add_argument("--llmc-batch-size", type=int, default=d.llmc_batch_size, help="llm-compressor's windows per forward")
+    p.add_argument("--eval-windows", type=int, help=f"held-out windows per corpus (default {d.eval_windows})")
+    p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
+    p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
+    p.add_argument("--skip-compare", action="store_true", help="only the FLOP rates and the scaling runs")
+    p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(HERE.parent)})")
+    p.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor environment")
+    args = p.parse_args(argv)
+    sizes = {**(SMOKE if args.smoke else {}), **{k: v for k, v in vars(args).items() if v is not None}}
+    fields = {k: v for k, v in sizes.items() if k in Settings.__dataclass_fields__}
+    settings = Settings(**{**fields, "scaling": not args.skip_scaling})
+    unknown = set(settings.methods) - {LLMC, *AWQKIT_METHODS}
+    if unknown:
+        p.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    return settings, args
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: one run, its resources
+
+
+@dataclass
+class Run:
+    name: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_gib: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def run_measured(name: str, command: list[str], log: Path) -> Run:
+    """Run ``command`` to completion; wall, user + system CPU and peak RSS of that process tree.
+
+    ``os.wait4`` reports the rusage of exactly this child (and what it waited for), unlike
+    RUSAGE_CHILDREN, whose peak RSS is the maximum over every child so far.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=_child_env(command))
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{name} failed (exit {process.returncode}); end of {log}:\n{tail}")
+    return Run(name, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
+
+
+def _child_env(command: list[str]) -> dict[str, str]:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # the llm-compressor interpreter must not see the awqkit environment's packages
+    if command[0] != sys.executable:
+        env.pop("VIRTUAL_ENV", None)
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: models, calibration windows, what the FLOP floor needs
+
+
+def model_folder(name: str) -> Path:
+    from awqkit.shipped import SHIPPED, shipped_model
+
+    return shipped_model(name) if name in SHIPPED else Path(name)
+
+
+def model_label(name: str) -> str:
+    return Path(name).name if name not in ("smollm2", "gemma3") else name
+
+
+def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int, path: Path) -> Path:
+    """The windows both tools calibrate on, drawn once by awqkit from the Python docs."""
+    from awqkit.checkpoint import load_tokenizer
+    from awqkit.pipeline import calibration_data
+
+    config = QuantizeConfig(n_calib=n_calib, seq_len=seq_len, calib_data="python-doc", seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, calibration_data(load_tokenizer(str(folder)), config).numpy())
+    return path
+
+
+def meta_model(folder: Path) -> torch.nn.Module:
+    """The model without weights: shapes for FLOP counts and divisibility checks, at no cost."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+def decoder_linears(folder: Path) -> list[tuple[int, int]]:
+    """(in, out) of every linear awqkit quantizes."""
+    from awqkit.architectures import block_linears, find_decoder
+
+    blocks = find_decoder(meta_model(folder)).blocks
+    return [(m.in_features, m.out_features) for block in blocks for m in block_linears(block).values()]
+
+
+def largest_block_params(folder: Path) -> int:
+    from awqkit.architectures import find_decoder
+
+    return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 1024, min_seconds: float = 1.0) -> float:
+    """This machine's square-matmul rate in one dtype, all threads torch uses."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool, kernel selection
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+@dataclass(frozen=True)
+class Work:
+    """The matmul FLOPs of an awqkit run: a calibration forward and an alpha search."""
+
+    linear_params: int
+    tokens: int
+    search_tokens: int
+    n_grid: int
+
+    @property
+    def calibration_flop(self) -> float:
+        return 2.0 * self.linear_params * self.tokens
+
+    @property
+    def search_flop(self) -> float:
+        # one X (W - W_hat)^T product per alpha on the search tokens
+        return (self.n_grid + 1) * 2.0 * self.search_tokens * self.linear_params
+
+    def floor_s(self, gflops: float) -> float:
+        return (self.calibration_flop + self.search_flop) / (gflops * 1e9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize commands
+
+
+AWQKIT_DONE = re.compile(r"awqkit: done: (.*); peak RSS")
+STAGE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+)s")
+
+
+def awqkit_stages(log: Path) -> dict[str, float]:
+    """Stage seconds from awqkit's closing log line (calibration data, load, calibration, search, greedy, save)."""
+    match = AWQKIT_DONE.search(log.read_text(errors="replace"))
+    return {name.strip(): float(secs) for name, secs in STAGE.findall(match.group(1))} if match else {}
+
+
+def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:
+    # not --quiet: the closing log line carries the stage timings
+    return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", *quant, *options]
+
+
+def method_command(method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path) -> list[str]:
+    if method == LLMC:
+        return [
+            str(llmc_python), str(HERE / "llmcompressor_awq.py"), str(folder), "--tokens", str(tokens),
+            "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid),
+            "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--timings", str(out.with_suffix(".timings.json")),
+        ]  # fmt: skip
+    if method == "rtn":
+        return [sys.executable, str(HERE / "rtn.py"), str(folder), "--out", str(out), "--bits", str(s.bits), "--group-size", str(group)]
+    quant = ["--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid), "--seed", str(s.seed), "--calib-tokens", str(tokens)]
+    return awqkit_command(folder, out, AWQKIT_METHODS[method], quant)
+
+
+def run_method(method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path) -> Run:
+    if out.exists():
+        shutil.rmtree(out)
+    run = run_measured(method, method_command(method, folder, out, tokens, group, s, llmc_python), log)
+    if method == LLMC:
+        run.stages = json.loads(out.with_suffix(".timings.json").read_text())
+    elif method != "rtn":
+        run.stages = awqkit_stages(log)
+    return run
+
+
+def awqkit_supports_shared() -> bool:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "awqkit.cli", "quantize", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    return "--scales" in help_text
+
+
+def llmc_refusal(linears: list[tuple[int, int]], group: int) -> str | None:
+    """Why llm-compressor would refuse this group size (it needs every input width divisible)."""
+    widths = sorted({i for i, _ in linears if i % group})
+    return f"input widths {widths} are not multiples of {group}" if widths else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(models: list[Path], s: Settings, report: Path, log: Path) -> dict:
+    """``awqkit eval`` on every output; float32 upcasts bf16 exactly and is the fast path on AVX2 CPUs."""
+    command = [
+        sys.executable, "-m", "awqkit.cli", "eval", *map(str, models), "--datasets", "fortunes,foldoc",
+        "--seq-len", str(s.eval_seq_len), "--max-windows", str(s.eval_windows), "--dtype", "float32",
+        "--seed", str(s.seed), "--json", str(report), "--quiet", "--no-cache",
+    ]  # fmt: skip
+    run_measured("eval", command, log)
+    return json.loads(report.read_text())
+
+
+def quality(report: dict, names: list[str]) -> dict[str, dict[str, dict]]:
+    """method -> corpus -> ppl, and the paired NLL difference to the first model (CI, win share)."""
+    out: dict[str, dict[str, dict]] = {name: {} for name in names}
+    for corpus, data in report["datasets"].items():
+        for name, result in zip(names, data["results"]):
+            vs = result.get("vs_first") or {}
+            out[name][corpus] = {
+                "ppl": result["ppl"],
+                "dnll": vs.get("mean_nll_diff"),
+                "dnll_ci": vs.get("ci"),
+                "wins": vs.get("win_share"),
+                "windows": data["windows"],
+            }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+
+
+def median_run(runs: list[Run]) -> dict[str, Any]:
+    stages = sorted({k for r in runs for k in r.stages})
+    return {
+        "wall_s": statistics.median(r.wall_s for r in runs),
+        "cpu_s": statistics.median(r.cpu_s for r in runs),
+        "peak_rss_gib": max(r.peak_rss_gib for r in runs),
+        "stages": {k: statistics.median(r.stages.get(k, 0.0) for r in runs) for k in stages},
+        "runs": [asdict(r) for r in runs],
+    }
+
+
+def rotated(methods: Sequence[str], shift: int) -> list[str]:
+    """Each repeat starts with a different method, so none always runs first (cold caches)."""
+    shift %= len(methods)
+    return [*methods[shift:], *methods[:shift]]
+
+
+def compare_pair(name: str, folder: Path, group: int, methods: list[str], s: Settings, args: argparse.Namespace, rates: dict) -> dict:
+    where = s.out / f"{model_label(name)}-g{group}"
+    tokens = write_calibration_tokens(folder, s.n_calib, s.seq_len, s.seed, where / "calib-tokens.npy")
+    runs: dict[str, list[Run]] = {m: [] for m in methods}
+    for repeat in range(s.repeats):
+        for method in rotated(methods, repeat):
+            log = where / "logs" / f"{method}-{repeat}.log"
+            run = run_method(method, folder, where / method, tokens, group, s, args.llmc_python, log)
+            runs[method].append(run)
+            print(f"  {model_label(name)} g{group} {method} #{repeat + 1}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
+    # llm-compressor first: every CI is the paired difference against it
+    order = sorted(methods, key=lambda m: m != LLMC) + ["original"]
+    report = evaluate([where / m if m != "original" else folder for m in order], s, where / "eval.json", where / "logs" / "eval.log")
+    n_tokens = s.n_calib * s.seq_len
+    work = Work(sum(i * o for i, o in decoder_linears(folder)), n_tokens, min(n_tokens, QuantizeConfig().max_search_tokens), s.n_grid)
+    return {
+        "model": model_label(name),
+        "folder": str(folder),
+        "group_size": group,
+        "methods": {m: median_run(r) for m, r in runs.items()},
+        "quality": quality(report, order),
+        "work": {**asdict(work), "calibration_flop": work.calibration_flop, "search_flop": work.search_flop,
+                 "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()}},
+    }  # fmt: skip
+
+
+def compare(s: Settings, args: argparse.Namespace, rates: dict, notes: list[str]) -> list[dict]:
+    methods = list(s.methods)
+    shared = [m for m in methods if m.startswith("shared")]
+    if shared and not awqkit_supports_shared():
+        notes.append(f"skipped {', '.join(shared)}: this awqkit's quantize has no --scales option")
+        methods = [m for m in methods if m not in shared]
+    pairs = []
+    for name in s.models:
+        folder = model_folder(name)
+        linears = decoder_linears(folder)
+        for group in s.group_sizes:
+            refusal = llmc_refusal(linears, group) if LLMC in methods else None
+            if refusal:
+                notes.append(f"skipped {model_label(name)} at group {group}: llm-compressor refuses it ({refusal})")
+                continue
+            print(f"comparing {model_label(name)} at group {group}: {', '.join(methods)}", flush=True)
+            pairs.append(compare_pair(name, folder, group, methods, s, args, rates))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling: awqkit time and peak RSS as the work grows
+
+
+def random_llama(shape: tuple[int, int, int], tokenizer_from: Path, out: Path, seed: int) -> Path:
+    """A randomly initialised Llama in bf16 with SmolLM2's tokenizer, written once and reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    hidden, intermediate, layers = shape
+    if (out / "config.json").exists():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=hidden // 128 or 1, num_key_value_heads=max(hidden // 512, 1), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def scaling_run(label: str, folder: Path, n_calib: int, seq_len: int, n_grid: int, search: int, s: Settings, rates: dict) -> dict:
+    where = s.out / "scaling"
+    quant = ["--n-grid", str(n_grid), "--max-search-tokens", str(search), "--seed", str(s.seed),
+             "--calib-data", "python-doc", "--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", "64"]  # fmt: skip
+    out = where / label
+    run = run_measured(label, awqkit_command(folder, out, ["--rounding", "nearest"], quant), where / f"{label}.log")
+    run.stages = awqkit_stages(where / f"{label}.log")
+    shutil.rmtree(out, ignore_errors=True)  # only the timings matter; a 1.5B output is 3 GB
+    linears = decoder_linears(folder)
+    work = Work(sum(i * o for i, o in linears), n_calib * seq_len, min(n_calib * seq_len, search), n_grid)
+    params = sum(p.numel() for p in meta_model(folder).parameters())
+    print(f"  {label}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
+    return {
+        "label": label, "params": params, "linear_params": work.linear_params, "tokens": work.tokens,
+        "search_tokens": work.search_tokens, "n_grid": n_grid, "run": asdict(run),
+        "model_gib": params * 2 / 2**30, "block_fp32_gib": largest_block_params(folder) * 4 / 2**30,
+        "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()},
+        "calibration_flop": work.calibration_flop, "search_flop": work.search_flop,
+    }  # fmt: skip
+
+
+def scaling(s: Settings, rates: dict) -> list[dict]:
+    smollm2 = model_folder("smollm2")
+    rows = []
+    for n in s.scaling_n_calib:
+        rows.append(scaling_run(f"smollm2-n{n}", smollm2, n, s.scaling_seq_len, s.scaling_n_grid, s.scaling_max_search_tokens, s, rates))
+    big = random_llama(s.big_shape, smollm2, s.out / "random-llama-{}x{}x{}".format(*s.big_shape), s.seed)
+    rows.append(scaling_run(f"random-llama-{s.big_shape[2]}L", big, s.big_n_calib, s.big_seq_len, s.big_n_grid, s.big_max_search_tokens, s, rates))
+    return rows
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares y = a + b x; with one point, the line through the origin."""
+    if len(x) < 2:
+        return 0.0, y[0] / x[0]
+    b, a = np.polyfit(np.asarray(x), np.asarray(y), 1)
+    return float(a), float(b)
+
+
+def growth(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Seconds per unit of work for calibration (linear params x tokens) and search (x search tokens x grid)."""
+    calibration = fit_line([r["linear_params"] * r["tokens"] for r in rows], [r["run"]["stages"].get("calibration", 0.0) for r in rows])
+    search = fit_line(
+        [r["linear_params"] * r["search_tokens"] * (r["n_grid"] + 1) for r in rows],
+        [r["run"]["stages"].get("search", 0.0) for r in rows],
+    )
+    return {
+        "calibration": {"fixed_s": calibration[0], "ns_per_param_token": calibration[1] * 1e9},
+        "search": {"fixed_s": search[0], "ns_per_param_token_alpha": search[1] * 1e9},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _ci(q: dict) -> str:
+    if q.get("dnll") is None:
+        return "(reference)"
+    low, high = q["dnll_ci"]
+    return f"{q['dnll']:+.4f} [{low:+.4f}, {high:+.4f}], wins {q['wins']:.0%}"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.3f}" if reference else "-"
+
+
+def comparison_table(pairs: list[dict]) -> str:
+    rows = []
+    for pair in pairs:
+        reference = pair["methods"].get(LLMC)
+        for method in [*pair["methods"], "original"]:
+            q = pair["quality"][method]
+            timing = pair["methods"].get(method)
+            cells = ["-"] * 5
+            if timing:
+                cells = [
+                    f"{timing['wall_s']:.1f}", f"{timing['cpu_s']:.1f}", f"{timing['peak_rss_gib']:.2f}",
+                    _ratio(timing["wall_s"], reference and reference["wall_s"]), _ratio(timing["cpu_s"], reference and reference["cpu_s"]),
+                ]  # fmt: skip
+            rows.append([pair["model"], str(pair["group_size"]), method, *cells,
+                         f"{q['fortunes']['ppl']:.2f}", _ci(q["fortunes"]), f"{q['foldoc']['ppl']:.2f}", _ci(q["foldoc"])])  # fmt: skip
+    header = ["model", "group", "method", "wall s", "CPU s", "peak RSS GiB", "wall / llmc", "CPU / llmc",
+              "fortunes ppl", "dNLL vs llmc [95% CI]", "foldoc ppl", "dNLL vs llmc [95% CI]"]  # fmt: skip
+    return _md(header, rows)
+
+
+def stages_table(pairs: list[dict], rates: dict) -> str:
+    rows = []
+    for pair in pairs:
+        floor = pair["work"]["floor_s"]
+        for method, timing in pair["methods"].items():
+            st = timing["stages"]
+            if method in (LLMC, "rtn") or not st:
+                continue
+            compute = st.get("calibration", 0.0) + st.get("search", 0.0)
+            rows.append([pair["model"], method, *(f"{st.get(k, 0.0):.1f}" for k in ("calibration data", "load", "calibration", "search", "greedy", "save")),
+                         f"{floor['fp32']:.1f}", f"{floor['bf16']:.1f}", f"{compute / floor['fp32']:.2f}"])  # fmt: skip
+    header = ["model", "method", "calib data s", "load s", "calibration s", "search s", "greedy s", "save s",
+              f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)", "(calibration + search) / fp32 floor"]  # fmt: skip
+    return _md(header, rows)
+
+
+def llmc_stages_table(pairs: list[dict]) -> str:
+    rows = [[p["model"], *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
+            for p in pairs if LLMC in p["methods"]]  # fmt: skip
+    return _md(["model", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
+
+
+def scaling_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        st = r["run"]["stages"]
+        body.append([r["label"], f"{r['params'] / 1e6:.0f} M", f"{r['tokens']}", f"{r['search_tokens']} x {r['n_grid'] + 1}",
+                     f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0):.1f}",
+                     f"{r['floor_s']['fp32']:.1f}", f"{r['run']['peak_rss_gib']:.2f}", f"{r['model_gib']:.2f} + {r['block_fp32_gib']:.2f}"])  # fmt: skip
+    header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
+              "fp32 floor s", "peak RSS GiB", "model bf16 + one block fp32 GiB"]  # fmt: skip
+    return _md(header, body)
+
+
+def settings_lines(s: Settings) -> list[str]:
+    return [
+        f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
+        f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
+        f"evaluation: awqkit eval, float32, first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
+        f"llm-compressor: AWQModifier(n_grid={s.n_grid}, duo_scaling default) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, model dtype as saved (bf16)",
+        f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
+        f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s, args = parse_args(argv)
+    s.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s", flush=True)
+    notes: list[str] = []
+    pairs = [] if args.skip_compare else compare(s, args, rates, notes)
+    scaled = scaling(s, rates) if s.scaling else []
+    fitted = growth(scaled) if scaled else {}
+    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
+              "notes": notes, "pairs": pairs, "scaling": scaled, "growth": fitted, "total_s": time.perf_counter() - started}  # fmt: skip
+    (s.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
+    if scaled:
+        print("\nawqkit scaling (one run each)\n\n" + scaling_table(scaled))
+        print(f"\ngrowth: calibration {fitted['calibration']['ns_per_param_token']:.3f} ns per linear-param x token "
+              f"(+{fitted['calibration']['fixed_s']:.1f} s), search {fitted['search']['ns_per_param_token_alpha']:.3f} ns "
+              f"per linear-param x search token x alpha (+{fitted['search']['fixed_s']:.1f} s)")  # fmt: skip
+    if pairs:
+        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates))
+        if any(LLMC in p["methods"] for p in pairs):
+            print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
+        print(f"\nwrote {s.out / 'report.json'}; total {report['total_s'] / 60:.1f} min")
+        print("\nquantize time, memory and held-out perplexity (medians)\n\n" + comparison_table(pairs))
+    else:
+        print(f"\nwrote {s.out / 'report.json'}; total {report['total_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
