@@ -67,6 +67,8 @@ class Settings:
     seed: int = 42
     repeats: int = 3
     llmc_batch_size: int = 8
+    # as saved (bf16), what a user gets; float32 runs its matmuls ~7x faster on AVX2-only CPUs
+    llmc_dtype: str = "auto"
     eval_windows: int = 10
     eval_seq_len: int = 512
     # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
@@ -121,10 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--methods", type=_names, default=d.methods, help=f"from {LLMC},{','.join(AWQKIT_METHODS)}")
     p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
-    p.add_argument("--n-grid", type=int, help=f"alpha grid points, both tools (default {d.n_grid})")
+    p.add_argument("--n-grid", type=int, help=f"awqkit n-grid: n + 1 scalings tried per linear, both tools (default {d.n_grid})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--repeats", type=int, help=f"timed runs per method (default {d.repeats})")
     p.add_argument("--llmc-batch-size", type=int, default=d.llmc_batch_size, help="llm-compressor's windows per forward")
+    p.add_argument("--llmc-dtype", default=d.llmc_dtype, help="llm-compressor's load dtype: auto (as saved), float32")
     p.add_argument("--eval-windows", type=int, help=f"held-out windows per corpus (default {d.eval_windows})")
     p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
     p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
@@ -229,15 +232,19 @@ def largest_block_params(folder: Path) -> int:
     return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 1024, min_seconds: float = 1.0) -> float:
-    """This machine's square-matmul rate in one dtype, all threads torch uses."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: thread pool, kernel selection
+def matmul_gflops(dtype: torch.dtype, tokens: int = 1024, width: int = 1024, min_seconds: float = 1.0) -> float:
+    """This machine's rate for a linear layer's product X W^T in one dtype, all threads torch uses.
+
+    The layout matters: on AVX2 CPUs a bf16 ``a @ b`` of two row-major matrices runs ~10x slower
+    than the same product as ``F.linear`` (the oneDNN path), and linears are what models run.
+    """
+    x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(2 * width, width, dtype=dtype)
+    torch.nn.functional.linear(x, w)  # warm-up: thread pool, kernel selection
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_seconds:
-        a @ b
+        torch.nn.functional.linear(x, w)
         count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+    return 2 * tokens * width * 2 * width * count / (time.perf_counter() - start) / 1e9
 
 
 @dataclass(frozen=True)
@@ -283,10 +290,12 @@ def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]
 
 def method_command(method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path) -> list[str]:
     if method == LLMC:
+        # llm-compressor's n_grid counts the scalings tried, awqkit's the intervals of [0, 1]:
+        # n_grid + 1 gives both the same number of candidates (identity included)
         return [
             str(llmc_python), str(HERE / "llmcompressor_awq.py"), str(folder), "--tokens", str(tokens),
-            "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid),
-            "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--timings", str(out.with_suffix(".timings.json")),
+            "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid + 1),
+            "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--dtype", s.llmc_dtype, "--timings", str(out.with_suffix(".timings.json")),
         ]  # fmt: skip
     if method == "rtn":
         return [sys.executable, str(HERE / "rtn.py"), str(folder), "--out", str(out), "--bits", str(s.bits), "--group-size", str(group)]
@@ -574,7 +583,7 @@ def settings_lines(s: Settings) -> list[str]:
         f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
         f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
         f"evaluation: awqkit eval, float32, first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
-        f"llm-compressor: AWQModifier(n_grid={s.n_grid}, duo_scaling default) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, model dtype as saved (bf16)",
+        f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}",
         f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
         f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each",
     ]  # fmt: skip

@@ -25,9 +25,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--n-grid", type=int, default=20)
+    p.add_argument("--n-grid", type=int, default=20, help="scalings tried per mapping, identity included (llm-compressor's meaning)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
+    p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float32")
     p.add_argument("--timings", help="write stage timings (seconds) to this JSON file")
     return p.parse_args()
 
@@ -79,7 +80,8 @@ def main() -> None:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     dataset, (n_windows, seq_len) = calibration_dataset(args.tokens)
     timings["load"] = time.perf_counter() - start
 

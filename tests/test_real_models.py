@@ -119,3 +119,34 @@ def test_end_to_end_gemma3(gemma3_dir, tmp_path):
     assert original < quantized < 3 * original
     record = json.loads((tmp_path / "g" / "awqkit.json").read_text())
     assert record["dtype"] == "bfloat16" and len(record["layers"]) == 18 * 7
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_folded_scales_keep_the_real_models_logits(name, request):
+    from test_folding import fold_random_scales
+
+    model, tokenizer = load_model(str(request.getfixturevalue(f"{name}_dir")), "float32")
+    ids = tokenize_text(tokenizer, load_corpus("fortunes")[:5_000])[:64][None]
+    with torch.no_grad():
+        reference = model(ids).logits
+        # SmolLM2: grouped-query attention, so v -> o does not fold; Gemma-3 likewise (1 kv head).
+        assert fold_random_scales(model) == 3 * len(find_decoder(model).blocks)
+        folded = model(ids).logits
+    assert (folded - reference).abs().max() < 1e-3 * reference.abs().max()
+
+
+def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2_dir, calib_ids, tmp_path):
+    model, tokenizer = load_model(str(smollm2_dir))
+    config = QuantizeConfig(**{**SMALL.__dict__, "scales": "shared", "objective": "module", "group_size": 64})
+    windows = calibration_windows(calib_ids, config.n_calib, config.seq_len, config.seed, None)
+    result = quantize_model(model, windows, config, progress=False)
+    record = run_record(str(smollm2_dir), model, config, result)
+    for fmt in ("fake", "compressed-tensors"):
+        save_quantized(model, tokenizer, tmp_path / fmt, record, result.scales, format=fmt, quantized=result.quantized)
+    fake = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype="auto")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors", dtype="auto")
+    assert packed.dtype == torch.bfloat16
+    ids = tokenize_text(tokenizer, load_corpus("foldoc")[:20_000])[:256][None]
+    nll = [window_nll(m, ids, batch_size=1).mean().item() for m in (fake, packed)]
+    # The packed scales are bf16-rounded grid scales: the model barely moves.
+    assert abs(nll[1] - nll[0]) < 0.01 * nll[0]
