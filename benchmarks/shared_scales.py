@@ -110,10 +110,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--n-calib", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-windows", type=int, default=10)
+    parser.add_argument("--n-grid", type=int, default=10)
+    parser.add_argument("--max-search-tokens", type=int, default=2048)
+    parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     args = parser.parse_args()
-    base = QuantizeConfig(n_calib=args.n_calib, seq_len=args.seq_len, calib_data="python-doc")
+    base = QuantizeConfig(
+        n_calib=args.n_calib, seq_len=args.seq_len, n_grid=args.n_grid, max_search_tokens=args.max_search_tokens, calib_data="python-doc"
+    )
     # fp32 forward of the bf16 weights: ~7x faster than bf16 on this AVX2-only CPU, exact upcast.
     eval_config = EvalConfig(seq_len=args.eval_seq_len, max_windows=args.eval_windows, dtype="float32", cache_dir=None)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -147,11 +147,12 @@ def _rounding(config: QuantizeConfig, stats: LinearStats, timings: dict[str, flo
     return timed_rounding
 
 
-def _flips(w: torch.Tensor, result: SearchResult, config: QuantizeConfig) -> int | None:
+def _flipped(w: torch.Tensor, result: SearchResult, config: QuantizeConfig) -> torch.Tensor | None:
+    """Which integers the rounding moved off nearest (None for nearest rounding)."""
     if config.rounding == "nearest":
         return None
     nearest = quantize_groupwise(w * result.scales, config.bits, config.group_size)
-    return int((nearest.q != result.quantized.q).sum())
+    return nearest.q != result.quantized.q
 
 
 def quantize_linear(
@@ -168,7 +169,8 @@ def quantize_linear(
         alphas=alpha_grid(config.n_grid),
         rounding=_rounding(config, stats, timings),
     )
-    record = LayerRecord(alpha=result.alpha, error=result.error, flips=_flips(w, result, config))
+    flipped = _flipped(w, result, config)
+    record = LayerRecord(result.alpha, result.error, None if flipped is None else int(flipped.sum()))
     linear.weight.data.copy_(result.dequantized())
     return record, result.scales
 
@@ -240,17 +242,18 @@ def quantize_block_shared(
         )
         if scalable:
             fold_scales(visit.block, group, result.scales, architecture.norm_offset)
-        flips = _flips(w, result, config)
+        flipped = _flipped(w, result, config)
         q = result.quantized
-        # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait for the writer.
-        for name, q_part, scale, zero in zip(
-            group.balance, q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes)
+        for i, (name, q_part, scale, zero) in enumerate(
+            zip(group.balance, q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes))
         ):
+            # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait for the writer.
             part = GroupQuantized(q_part.to(torch.uint8), scale, zero, q.bits, q.group_size)
+            flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
             done[name] = (LayerRecord(result.alpha, result.error, flips), result.scales, part)
     for name, (_, _, part) in done.items():
         visit.block.get_submodule(name).weight.data.copy_(dequantize_groupwise(part))
-    return done
+    return {name: done[name] for name in block_linears(visit.block)}
 
 
 def quantize_model(
