@@ -1,7 +1,7 @@
 """awqkit against llm-compressor's AWQ, side by side: quantize time, CPU time, peak RSS, perplexity.
 
     benchmarks/compare_llmcompressor.sh            # sets up both environments, then runs this
-    benchmarks/compare_llmcompressor.sh --smoke    # the same code path at toy sizes (~10 min)
+    benchmarks/compare_llmcompressor.sh --smoke    # the same code path at toy sizes
 
 Both tools read the same calibration token windows (one .npy file per model), use the same bits,
 group size, grid size and seed, and every output is scored by ``awqkit eval`` on the same
@@ -34,16 +34,17 @@ import numpy as np
 import torch
 
 from awqkit.pipeline import QuantizeConfig
+from awqkit.shipped import SHIPPED, shipped_model
 
 HERE = Path(__file__).resolve().parent
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
 LLMC = "llmc"  # the method name of llm-compressor's AWQ in every table
 
-# awqkit methods: name -> `awqkit quantize` options. "rtn" is AWQ at alpha = 0 (benchmarks/rtn.py).
-# shared-* use the module objective: one s per input, folded, chosen by the attention/MLP output
+# awqkit methods: name -> `awqkit quantize` options, given after the common ones (the last wins).
+# rtn: alpha 0 alone, s = 1. shared-*: one s per input, folded, chosen by the attention/MLP output
 # error, which is what llm-compressor does, so they are the like-for-like match.
 AWQKIT_METHODS = {
-    "rtn": None,
+    "rtn": ["--n-grid", "0"],
     "nearest": ["--rounding", "nearest"],
     "greedy": ["--rounding", "greedy"],
     "shared-nearest": ["--scales", "shared", "--objective", "module", "--rounding", "nearest"],
@@ -57,31 +58,35 @@ AWQKIT_METHODS = {
 
 @dataclass(frozen=True)
 class Settings:
+    """Defaults sized for about 30 minutes on a 2-core AVX2 machine; every size is an option."""
+
     models: tuple[str, ...] = ("smollm2", "gemma3")
+    # SmolLM2's 576-wide inputs take no group of 128 in llm-compressor: 64 is the size both run
     group_sizes: tuple[int, ...] = (64,)
     methods: tuple[str, ...] = (LLMC, *AWQKIT_METHODS)
     bits: int = 4
+    # small on purpose: llm-compressor's AWQ runs bf16 matmuls on CPU (~800 CPU-s at 16 x 256, n-grid 20)
     n_calib: int = 8
-    seq_len: int = 128
-    n_grid: int = 20
+    seq_len: int = 64
+    n_grid: int = 5
     seed: int = 42
     repeats: int = 3
     llmc_batch_size: int = 8
     # as saved (bf16), what a user gets; float32 runs its matmuls ~7x faster on AVX2-only CPUs
     llmc_dtype: str = "auto"
-    eval_windows: int = 10
+    eval_windows: int = 5
     eval_seq_len: int = 512
     # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
     scaling: bool = True
     scaling_n_calib: tuple[int, ...] = (32, 128, 512)
-    scaling_seq_len: int = 64
-    scaling_n_grid: int = 10
+    scaling_seq_len: int = 32
+    scaling_n_grid: int = 5
     scaling_max_search_tokens: int = 512
-    # the random Llama: hidden, intermediate, layers (2048, 8192, 22: ~1.5B parameters with SmolLM2's vocabulary)
-    big_shape: tuple[int, int, int] = (2048, 8192, 22)
-    big_n_calib: int = 8
+    # the random Llama: hidden, intermediate, layers; 2048, 8192, 23 is 1.50B parameters with SmolLM2's vocabulary
+    big_shape: tuple[int, int, int] = (2048, 8192, 23)
+    big_n_calib: int = 4
     big_seq_len: int = 128
-    big_n_grid: int = 4
+    big_n_grid: int = 2
     big_max_search_tokens: int = 256
     out: Path = HERE / "out" / "compare-llmcompressor"
 
@@ -169,6 +174,7 @@ def run_measured(name: str, command: list[str], log: Path) -> Run:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=_child_env(command))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
+    # reaped by wait4 already: tell Popen, so it does not wait for the process again
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
@@ -190,13 +196,11 @@ def _child_env(command: list[str]) -> dict[str, str]:
 
 
 def model_folder(name: str) -> Path:
-    from awqkit.shipped import SHIPPED, shipped_model
-
     return shipped_model(name) if name in SHIPPED else Path(name)
 
 
 def model_label(name: str) -> str:
-    return Path(name).name if name not in ("smollm2", "gemma3") else name
+    return name if name in SHIPPED else Path(name).name
 
 
 def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int, path: Path) -> Path:
@@ -283,6 +287,11 @@ def awqkit_stages(log: Path) -> dict[str, float]:
     return {name.strip(): float(secs) for name, secs in STAGE.findall(match.group(1))} if match else {}
 
 
+def rounding_s(stages: dict[str, float]) -> float:
+    """The rounding stage, which awqkit times apart from the search and names after the rounding."""
+    return stages.get("greedy", stages.get("nearest", 0.0))
+
+
 def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:
     # not --quiet: the closing log line carries the stage timings
     return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", *quant, *options]
@@ -297,8 +306,6 @@ def method_command(method: str, folder: Path, out: Path, tokens: Path, group: in
             "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid + 1),
             "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--dtype", s.llmc_dtype, "--timings", str(out.with_suffix(".timings.json")),
         ]  # fmt: skip
-    if method == "rtn":
-        return [sys.executable, str(HERE / "rtn.py"), str(folder), "--out", str(out), "--bits", str(s.bits), "--group-size", str(group)]
     quant = ["--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid), "--seed", str(s.seed), "--calib-tokens", str(tokens)]
     return awqkit_command(folder, out, AWQKIT_METHODS[method], quant)
 
@@ -309,7 +316,7 @@ def run_method(method: str, folder: Path, out: Path, tokens: Path, group: int, s
     run = run_measured(method, method_command(method, folder, out, tokens, group, s, llmc_python), log)
     if method == LLMC:
         run.stages = json.loads(out.with_suffix(".timings.json").read_text())
-    elif method != "rtn":
+    else:
         run.stages = awqkit_stages(log)
     return run
 
@@ -379,33 +386,42 @@ def rotated(methods: Sequence[str], shift: int) -> list[str]:
     return [*methods[shift:], *methods[:shift]]
 
 
-def compare_pair(name: str, folder: Path, group: int, methods: list[str], s: Settings, args: argparse.Namespace, rates: dict) -> dict:
+def compare_pair(name: str, folder: Path, group: int, methods: list[str], s: Settings, llmc_python: Path, rates: dict) -> dict:
     where = s.out / f"{model_label(name)}-g{group}"
     tokens = write_calibration_tokens(folder, s.n_calib, s.seq_len, s.seed, where / "calib-tokens.npy")
     runs: dict[str, list[Run]] = {m: [] for m in methods}
     for repeat in range(s.repeats):
         for method in rotated(methods, repeat):
             log = where / "logs" / f"{method}-{repeat}.log"
-            run = run_method(method, folder, where / method, tokens, group, s, args.llmc_python, log)
+            run = run_method(method, folder, where / method, tokens, group, s, llmc_python, log)
             runs[method].append(run)
             print(f"  {model_label(name)} g{group} {method} #{repeat + 1}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
     # llm-compressor first: every CI is the paired difference against it
     order = sorted(methods, key=lambda m: m != LLMC) + ["original"]
     report = evaluate([where / m if m != "original" else folder for m in order], s, where / "eval.json", where / "logs" / "eval.log")
-    n_tokens = s.n_calib * s.seq_len
-    work = Work(sum(i * o for i, o in decoder_linears(folder)), n_tokens, min(n_tokens, QuantizeConfig().max_search_tokens), s.n_grid)
+    linear_params = sum(i * o for i, o in decoder_linears(folder))
+    medians = {m: median_run(r) for m, r in runs.items()}
+    for method in medians.keys() - {LLMC}:
+        medians[method]["work"] = work_summary(method_work(method, linear_params, s), rates)
+    return {"model": model_label(name), "folder": str(folder), "group_size": group, "methods": medians, "quality": quality(report, order)}
+
+
+def method_work(method: str, linear_params: int, s: Settings) -> Work:
+    tokens = s.n_calib * s.seq_len
+    n_grid = 0 if method == "rtn" else s.n_grid
+    return Work(linear_params, tokens, min(tokens, QuantizeConfig().max_search_tokens), n_grid)
+
+
+def work_summary(work: Work, rates: dict[str, float]) -> dict[str, Any]:
     return {
-        "model": model_label(name),
-        "folder": str(folder),
-        "group_size": group,
-        "methods": {m: median_run(r) for m, r in runs.items()},
-        "quality": quality(report, order),
-        "work": {**asdict(work), "calibration_flop": work.calibration_flop, "search_flop": work.search_flop,
-                 "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()}},
-    }  # fmt: skip
+        **asdict(work),
+        "calibration_flop": work.calibration_flop,
+        "search_flop": work.search_flop,
+        "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()},
+    }
 
 
-def compare(s: Settings, args: argparse.Namespace, rates: dict, notes: list[str]) -> list[dict]:
+def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> list[dict]:
     methods = list(s.methods)
     shared = [m for m in methods if m.startswith("shared")]
     if shared and not awqkit_supports_shared():
@@ -421,7 +437,7 @@ def compare(s: Settings, args: argparse.Namespace, rates: dict, notes: list[str]
                 notes.append(f"skipped {model_label(name)} at group {group}: llm-compressor refuses it ({refusal})")
                 continue
             print(f"comparing {model_label(name)} at group {group}: {', '.join(methods)}", flush=True)
-            pairs.append(compare_pair(name, folder, group, methods, s, args, rates))
+            pairs.append(compare_pair(name, folder, group, methods, s, llmc_python, rates))
     return pairs
 
 
@@ -465,11 +481,8 @@ def scaling_run(label: str, folder: Path, n_calib: int, seq_len: int, n_grid: in
     params = sum(p.numel() for p in meta_model(folder).parameters())
     print(f"  {label}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
     return {
-        "label": label, "params": params, "linear_params": work.linear_params, "tokens": work.tokens,
-        "search_tokens": work.search_tokens, "n_grid": n_grid, "run": asdict(run),
+        "label": label, "params": params, **work_summary(work, rates), "run": asdict(run),
         "model_gib": params * 2 / 2**30, "block_fp32_gib": largest_block_params(folder) * 4 / 2**30,
-        "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()},
-        "calibration_flop": work.calibration_flop, "search_flop": work.search_flop,
     }  # fmt: skip
 
 
@@ -496,7 +509,7 @@ def growth(rows: list[dict]) -> dict[str, dict[str, float]]:
     calibration = fit_line([r["linear_params"] * r["tokens"] for r in rows], [r["run"]["stages"].get("calibration", 0.0) for r in rows])
     search = fit_line(
         [r["linear_params"] * r["search_tokens"] * (r["n_grid"] + 1) for r in rows],
-        [r["run"]["stages"].get("search", 0.0) for r in rows],
+        [r["run"]["stages"].get("search", 0.0) + rounding_s(r["run"]["stages"]) for r in rows],
     )
     return {
         "calibration": {"fixed_s": calibration[0], "ns_per_param_token": calibration[1] * 1e9},
@@ -545,18 +558,21 @@ def comparison_table(pairs: list[dict]) -> str:
 
 
 def stages_table(pairs: list[dict], rates: dict) -> str:
+    """awqkit's stages; the rounding stage is named after the rounding (nearest or greedy)."""
     rows = []
     for pair in pairs:
-        floor = pair["work"]["floor_s"]
         for method, timing in pair["methods"].items():
-            st = timing["stages"]
-            if method in (LLMC, "rtn") or not st:
+            if method == LLMC:
                 continue
-            compute = st.get("calibration", 0.0) + st.get("search", 0.0)
-            rows.append([pair["model"], method, *(f"{st.get(k, 0.0):.1f}" for k in ("calibration data", "load", "calibration", "search", "greedy", "save")),
-                         f"{floor['fp32']:.1f}", f"{floor['bf16']:.1f}", f"{compute / floor['fp32']:.2f}"])  # fmt: skip
-    header = ["model", "method", "calib data s", "load s", "calibration s", "search s", "greedy s", "save s",
-              f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)", "(calibration + search) / fp32 floor"]  # fmt: skip
+            st, floor = timing["stages"], timing["work"]["floor_s"]["fp32"]
+            rounding = rounding_s(st)
+            compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding
+            cells = [st.get(k, 0.0) for k in ("calibration data", "load", "calibration", "search")] + [rounding, st.get("save", 0.0)]
+            rows.append([pair["model"], method, *(f"{c:.1f}" for c in cells), f"{floor:.1f}",
+                         f"{timing['work']['floor_s']['bf16']:.1f}", f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}"])  # fmt: skip
+    header = ["model", "method", "calib data s", "load s", "calibration s", "search s", "rounding s", "save s",
+              f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
+              "(calibration + search + rounding) / fp32 floor", "wall / fp32 floor"]  # fmt: skip
     return _md(header, rows)
 
 
@@ -571,7 +587,7 @@ def scaling_table(rows: list[dict]) -> str:
     for r in rows:
         st = r["run"]["stages"]
         body.append([r["label"], f"{r['params'] / 1e6:.0f} M", f"{r['tokens']}", f"{r['search_tokens']} x {r['n_grid'] + 1}",
-                     f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0):.1f}",
+                     f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0) + rounding_s(st):.1f}",
                      f"{r['floor_s']['fp32']:.1f}", f"{r['run']['peak_rss_gib']:.2f}", f"{r['model_gib']:.2f} + {r['block_fp32_gib']:.2f}"])  # fmt: skip
     header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
               "fp32 floor s", "peak RSS GiB", "model bf16 + one block fp32 GiB"]  # fmt: skip
@@ -583,7 +599,7 @@ def settings_lines(s: Settings) -> list[str]:
         f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
         f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
         f"evaluation: awqkit eval, float32, first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
-        f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}",
+        f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}; its min-max observer keeps 0 inside every group's range, awqkit's does not",
         f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
         f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each",
     ]  # fmt: skip
@@ -599,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     print(f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s", flush=True)
     notes: list[str] = []
-    pairs = [] if args.skip_compare else compare(s, args, rates, notes)
+    pairs = [] if args.skip_compare else compare(s, args.llmc_python, rates, notes)
     scaled = scaling(s, rates) if s.scaling else []
     fitted = growth(scaled) if scaled else {}
     report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
