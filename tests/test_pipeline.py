@@ -113,3 +113,20 @@ def test_quiet_works_before_or_after_the_command():
     assert parser.parse_args(["quantize", "m", "--out", "o", "--quiet"]).quiet
     assert parser.parse_args(["--quiet", "quantize", "m", "--out", "o"]).quiet
     assert not parser.parse_args(["quantize", "m", "--out", "o"]).quiet
+
+
+def test_calibration_tokens_from_a_file_give_the_same_run_as_the_drawn_windows(tiny_llama_dir, calib_text, tmp_path, tokenizer):
+    import numpy as np
+
+    from awqkit.pipeline import QuantizeConfig, calibration_data
+
+    config = QuantizeConfig(n_calib=4, seq_len=64, calib_data=str(calib_text))
+    windows = calibration_data(tokenizer, config)
+    np.save(tmp_path / "windows.npy", windows.numpy())
+    assert _run(tiny_llama_dir, tmp_path / "drawn", calib_text) == 0
+    assert _run(tiny_llama_dir, tmp_path / "file", calib_text, "--calib-tokens", str(tmp_path / "windows.npy")) == 0
+    drawn, from_file = (load_file(tmp_path / d / "model.safetensors") for d in ("drawn", "file"))
+    assert all(torch.equal(drawn[k], from_file[k]) for k in drawn)
+    np.save(tmp_path / "bad.npy", np.full((2, 8), 10**9))
+    assert _run(tiny_llama_dir, tmp_path / "bad", calib_text, "--calib-tokens", str(tmp_path / "bad.npy")) == 2
+    assert not (tmp_path / "bad").exists()

@@ -305,6 +305,20 @@ def quantize_model(
     return result
 
 
+def load_calibration_tokens(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """Windows saved as a 2-D integer .npy file, checked against the tokenizer's vocabulary."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration token file not found: {path}")
+    ids = torch.from_numpy(np.load(path, allow_pickle=False)).long()
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{path}: expected a non-empty [n_windows, seq_len] array, got shape {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"{path}: token ids outside the tokenizer's vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
     if config.calib_tokens is not None:
         return load_calibration_tokens(config.calib_tokens, len(tokenizer))
