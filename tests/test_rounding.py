@@ -66,3 +66,40 @@ def test_greedy_is_vectorised_rowwise_equivalent():
     whole = quantize_groupwise(w, bits, group_size, rounding).q
     rows = torch.cat([quantize_groupwise(w[i : i + 1], bits, group_size, rounding).q for i in range(6)])
     assert torch.equal(whole, rows)
+
+
+def _greedy_row_by_the_definition(u, act_mean, scale, max_int, outlier):
+    """One row, literally as specified: candidates sorted closest-first, every prefix tried."""
+    q = u.round().clamp(0, max_int)
+    impact = [float(act_mean[j] * scale[j]) for j in range(len(u))]
+    error = sum(impact[j] * float(u[j] - q[j]) for j in range(len(u)))
+    candidates = []
+    for j in range(len(u)):
+        step = 1.0 if u[j] >= q[j] else -1.0
+        gain = impact[j] * step
+        if 0 <= q[j] + step <= max_int and not outlier[j] and gain != 0 and (gain > 0) == (error > 0) and error != 0:
+            candidates.append((0.5 - abs(float(u[j] - q[j])), j, step, gain))
+    candidates.sort()
+    best_k, best, total = 0, abs(error), 0.0
+    for k, (_, _, _, gain) in enumerate(candidates, start=1):
+        total += gain
+        if abs(error - total) < best:
+            best_k, best = k, abs(error - total)
+    for _, j, step, _ in candidates[:best_k]:
+        q[j] += step
+    return q
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_matches_the_definition_row_by_row(seed):
+    # Wide rows (more candidates than the first partial sort takes) and a zero point clamped at
+    # the range's end exercise the widening and the range check.
+    w, act_mean, bits, group_size = _case(seed, out=12, inp=320, group_size=64)
+    w[0, :64] += 3.0  # a group with min > 0: zero clamps to 0 and u reaches past max_int
+    greedy = quantize_groupwise(w, bits, group_size, GreedyFlipRounding(act_mean, 0.05))
+    scale = expand_groups(greedy.scale, group_size, w.shape[1])
+    u = w / scale + expand_groups(greedy.zero, group_size, w.shape[1])
+    outlier = outlier_mask(act_mean, 0.05)
+    for i in range(w.shape[0]):
+        expected = _greedy_row_by_the_definition(u[i], act_mean, scale[i], 2**bits - 1, outlier)
+        assert torch.equal(greedy.q[i], expected), f"row {i}"
