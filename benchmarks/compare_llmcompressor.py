@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -74,6 +74,8 @@ class Settings:
     llmc_batch_size: int = 8
     # as saved (bf16), what a user gets; float32 runs its matmuls ~7x faster on AVX2-only CPUs
     llmc_dtype: str = "auto"
+    # awqkit's --compute-dtype; auto: whichever of float32 and bfloat16 multiplies faster here
+    compute_dtype: str = "auto"
     eval_windows: int = 5
     eval_seq_len: int = 512
     # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
@@ -133,6 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--repeats", type=int, help=f"timed runs per method (default {d.repeats})")
     p.add_argument("--llmc-batch-size", type=int, default=d.llmc_batch_size, help="llm-compressor's windows per forward")
     p.add_argument("--llmc-dtype", default=d.llmc_dtype, help="llm-compressor's load dtype: auto (as saved), float32")
+    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=("auto", *RATE_KEYS), help="awqkit's; auto: the faster matmul here")
     p.add_argument("--eval-windows", type=int, help=f"held-out windows per corpus (default {d.eval_windows})")
     p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
     p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
@@ -277,6 +280,9 @@ class Work:
 # Quantize commands
 
 
+# awqkit --compute-dtype -> its key in the measured matmul rates
+RATE_KEYS = {"float32": "fp32", "bfloat16": "bf16"}
+
 AWQKIT_DONE = re.compile(r"awqkit: done: (.*); peak RSS")
 STAGE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+)s")
 
@@ -306,7 +312,8 @@ def method_command(method: str, folder: Path, out: Path, tokens: Path, group: in
             "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid + 1),
             "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--dtype", s.llmc_dtype, "--timings", str(out.with_suffix(".timings.json")),
         ]  # fmt: skip
-    quant = ["--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid), "--seed", str(s.seed), "--calib-tokens", str(tokens)]
+    quant = ["--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid), "--seed", str(s.seed),
+             "--calib-tokens", str(tokens), "--compute-dtype", s.compute_dtype]  # fmt: skip
     return awqkit_command(folder, out, AWQKIT_METHODS[method], quant)
 
 
@@ -471,7 +478,8 @@ def random_llama(shape: tuple[int, int, int], tokenizer_from: Path, out: Path, s
 def scaling_run(label: str, folder: Path, n_calib: int, seq_len: int, n_grid: int, search: int, s: Settings, rates: dict) -> dict:
     where = s.out / "scaling"
     quant = ["--n-grid", str(n_grid), "--max-search-tokens", str(search), "--seed", str(s.seed),
-             "--calib-data", "python-doc", "--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", "64"]  # fmt: skip
+             "--calib-data", "python-doc", "--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", "64",
+             "--compute-dtype", s.compute_dtype]  # fmt: skip
     out = where / label
     run = run_measured(label, awqkit_command(folder, out, ["--rounding", "nearest"], quant), where / f"{label}.log")
     run.stages = awqkit_stages(where / f"{label}.log")
@@ -557,14 +565,15 @@ def comparison_table(pairs: list[dict]) -> str:
     return _md(header, rows)
 
 
-def stages_table(pairs: list[dict], rates: dict) -> str:
+def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
     """awqkit's stages; the rounding stage is named after the rounding (nearest or greedy)."""
+    key = RATE_KEYS[compute_dtype]
     rows = []
     for pair in pairs:
         for method, timing in pair["methods"].items():
             if method == LLMC:
                 continue
-            st, floor = timing["stages"], timing["work"]["floor_s"]["fp32"]
+            st, floor = timing["stages"], timing["work"]["floor_s"][key]
             rounding = rounding_s(st)
             compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding
             cells = [st.get(k, 0.0) for k in ("calibration data", "load", "calibration", "search")] + [rounding, st.get("save", 0.0)]
@@ -572,7 +581,7 @@ def stages_table(pairs: list[dict], rates: dict) -> str:
                          f"{timing['work']['floor_s']['bf16']:.1f}", f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}"])  # fmt: skip
     header = ["model", "method", "calib data s", "load s", "calibration s", "search s", "rounding s", "save s",
               f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
-              "(calibration + search + rounding) / fp32 floor", "wall / fp32 floor"]  # fmt: skip
+              f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor"]  # fmt: skip
     return _md(header, rows)
 
 
@@ -582,15 +591,16 @@ def llmc_stages_table(pairs: list[dict]) -> str:
     return _md(["model", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
 
 
-def scaling_table(rows: list[dict]) -> str:
+def scaling_table(rows: list[dict], compute_dtype: str) -> str:
+    key = RATE_KEYS[compute_dtype]
     body = []
     for r in rows:
         st = r["run"]["stages"]
         body.append([r["label"], f"{r['params'] / 1e6:.0f} M", f"{r['tokens']}", f"{r['search_tokens']} x {r['n_grid'] + 1}",
                      f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0) + rounding_s(st):.1f}",
-                     f"{r['floor_s']['fp32']:.1f}", f"{r['run']['peak_rss_gib']:.2f}", f"{r['model_gib']:.2f} + {r['block_fp32_gib']:.2f}"])  # fmt: skip
+                     f"{r['floor_s'][key]:.1f}", f"{r['run']['peak_rss_gib']:.2f}", f"{r['model_gib']:.2f} + {r['block_fp32_gib']:.2f}"])  # fmt: skip
     header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
-              "fp32 floor s", "peak RSS GiB", "model bf16 + one block fp32 GiB"]  # fmt: skip
+              f"{key} floor s", "peak RSS GiB", "model bf16 + one block fp32 GiB"]  # fmt: skip
     return _md(header, body)
 
 
@@ -598,6 +608,7 @@ def settings_lines(s: Settings) -> list[str]:
     return [
         f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
         f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
+        f"awqkit: --compute-dtype {s.compute_dtype} (calibration forward and search products; quantization arithmetic float32)",
         f"evaluation: awqkit eval, float32, first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
         f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}; its min-max observer keeps 0 inside every group's range, awqkit's does not",
         f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
@@ -613,7 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s", flush=True)
+    if s.compute_dtype == "auto":
+        s = replace(s, compute_dtype=max(RATE_KEYS, key=lambda dtype: rates[RATE_KEYS[dtype]]))
+    print(f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s; awqkit computes in {s.compute_dtype}", flush=True)
     notes: list[str] = []
     pairs = [] if args.skip_compare else compare(s, args.llmc_python, rates, notes)
     scaled = scaling(s, rates) if s.scaling else []
@@ -624,12 +637,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
     if scaled:
-        print("\nawqkit scaling (one run each)\n\n" + scaling_table(scaled))
+        print("\nawqkit scaling (one run each)\n\n" + scaling_table(scaled, s.compute_dtype))
         print(f"\ngrowth: calibration {fitted['calibration']['ns_per_param_token']:.3f} ns per linear-param x token "
               f"(+{fitted['calibration']['fixed_s']:.1f} s), search {fitted['search']['ns_per_param_token_alpha']:.3f} ns "
               f"per linear-param x search token x alpha (+{fitted['search']['fixed_s']:.1f} s)")  # fmt: skip
     if pairs:
-        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates))
+        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates, s.compute_dtype))
         if any(LLMC in p["methods"] for p in pairs):
             print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
         print(f"\nwrote {s.out / 'report.json'}; total {report['total_s'] / 60:.1f} min")

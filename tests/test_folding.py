@@ -88,7 +88,9 @@ def test_shared_scales_store_grid_weights_and_keep_the_function_up_to_quantizati
     model = tiny_model(model_type)
     _randomise_norms(model)
     ids = torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(0))
-    config = QuantizeConfig(scales="shared", objective=objective, group_size=16, n_grid=4, batch_size=2, bits=8)
+    config = QuantizeConfig(
+        scales="shared", objective=objective, group_size=16, n_grid=4, batch_size=2, bits=8, format="compressed-tensors"
+    )
     with torch.no_grad():
         reference = model(ids).logits
     result = quantize_model(model, ids, config, progress=False)

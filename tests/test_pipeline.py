@@ -130,3 +130,23 @@ def test_calibration_tokens_from_a_file_give_the_same_run_as_the_drawn_windows(t
     np.save(tmp_path / "bad.npy", np.full((2, 8), 10**9))
     assert _run(tiny_llama_dir, tmp_path / "bad", calib_text, "--calib-tokens", str(tmp_path / "bad.npy")) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_bfloat16_compute_keeps_float32_quantization_math_and_nearly_the_same_choices(
+    nearest_dir, tiny_llama_dir, calib_text, tmp_path
+):
+    out = tmp_path / "bf16"
+    assert _run(tiny_llama_dir, out, calib_text, "--compute-dtype", "bfloat16") == 0
+    scales = load_file(out / "awq_scales.safetensors")
+    saved = load_file(out / "model.safetensors")
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    for name, s in scales.items():  # only the products ran in bf16: the stored weight is exact
+        w = original[f"{name}.weight"].float()
+        expected = (dequantize_groupwise(quantize_groupwise(w * s, 4, 32)) / s).to(torch.bfloat16)
+        assert torch.equal(saved[f"{name}.weight"], expected), name
+    fp32 = json.loads((nearest_dir / "awqkit.json").read_text())["layers"]
+    bf16 = json.loads((out / "awqkit.json").read_text())["layers"]
+    same_alpha = sum(fp32[n]["alpha"] == bf16[n]["alpha"] for n in fp32)
+    assert same_alpha >= 0.7 * len(fp32), (same_alpha, len(fp32))
+    for n in fp32:  # the measured error of the chosen weight, in bf16 products, within a few percent
+        assert bf16[n]["error"] == pytest.approx(fp32[n]["error"], rel=0.1), n

@@ -137,7 +137,7 @@ def test_folded_scales_keep_the_real_models_logits(name, request):
 
 def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2_dir, calib_ids, tmp_path):
     model, tokenizer = load_model(str(smollm2_dir))
-    config = QuantizeConfig(**{**SMALL.__dict__, "scales": "shared", "objective": "module", "group_size": 64})
+    config = QuantizeConfig(**{**SMALL.__dict__, "scales": "shared", "objective": "module", "group_size": 64, "format": "compressed-tensors"})
     windows = calibration_windows(calib_ids, config.n_calib, config.seq_len, config.seed, None)
     result = quantize_model(model, windows, config, progress=False)
     record = run_record(str(smollm2_dir), model, config, result)

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from awqkit.pipeline import FORMATS, OBJECTIVES, SCALES, QuantizeConfig
+from awqkit.pipeline import COMPUTE_DTYPES, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
 from awqkit.rounding import ROUNDINGS
 
 DEFAULTS = QuantizeConfig()
@@ -58,6 +58,13 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
         help="token windows [n, seq-len] (BOS included) to calibrate on instead of --calib-data",
     )
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="calibration windows per forward")
+    p.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default=DEFAULTS.compute_dtype,
+        help="calibration forward and search products (quantization math is float32): bfloat16 is ~4x faster "
+        "on CPUs with AVX512-BF16/AMX and on GPUs, ~7x slower on AVX2-only CPUs",
+    )
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float16, float32")
     p.add_argument("--overwrite", action="store_true")
 

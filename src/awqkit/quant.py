@@ -43,27 +43,35 @@ def expand_groups(per_group: torch.Tensor, group_size: int, in_features: int) ->
     return per_group.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
-def group_min_max(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group min and max of ``w`` [out, in]; a short last group ignores the padding."""
-    out_features, in_features = w.shape
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group_size], a view when group_size divides in.
+
+    A short last group is padded by repeating the row's last value, which leaves its min and max
+    unchanged; the padded columns are dropped again by ``_ungrouped``.
+    """
+    out_features, in_features = x.shape
     pad = num_groups(in_features, group_size) * group_size - in_features
-    shape = (out_features, -1, group_size)
-    w_min = torch.nn.functional.pad(w, (0, pad), value=float("inf")).reshape(shape).amin(dim=2)
-    w_max = torch.nn.functional.pad(w, (0, pad), value=float("-inf")).reshape(shape).amax(dim=2)
-    return w_min, w_max
+    if pad:
+        x = torch.nn.functional.pad(x[None], (0, pad), mode="replicate")[0]
+    return x.view(out_features, -1, group_size)
+
+
+def _ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)[:, :in_features]
 
 
 def groupwise_qparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric min-max scale and integer zero point per group."""
     max_int = 2**bits - 1
-    w_min, w_max = group_min_max(w, group_size)
+    grouped = _grouped(w, group_size)
+    w_min, w_max = grouped.amin(dim=2), grouped.amax(dim=2)
     scale = ((w_max - w_min) / max_int).clamp(min=1e-8)
     zero = torch.round(-w_min / scale).clamp(0, max_int)
     return scale, zero
 
 
 def round_nearest(u: torch.Tensor, scale_cols: torch.Tensor, max_int: int) -> torch.Tensor:
-    return torch.round(u).clamp(0, max_int)
+    return torch.round(u).clamp_(0, max_int)
 
 
 def quantize_groupwise(
@@ -75,14 +83,11 @@ def quantize_groupwise(
     check_quant_args(bits, group_size)
     scale, zero = groupwise_qparams(w, bits, group_size)
     in_features = w.shape[1]
-    scale_cols = expand_groups(scale, group_size, in_features)
-    u = w / scale_cols + expand_groups(zero, group_size, in_features)
-    q = rounding(u, scale_cols, 2**bits - 1)
+    u = _ungrouped(_grouped(w, group_size) / scale[..., None] + zero[..., None], in_features)
+    q = rounding(u, expand_groups(scale, group_size, in_features), 2**bits - 1)
     return GroupQuantized(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size)
 
 
 def dequantize_groupwise(qw: GroupQuantized) -> torch.Tensor:
-    in_features = qw.q.shape[1]
-    scale_cols = expand_groups(qw.scale, qw.group_size, in_features)
-    zero_cols = expand_groups(qw.zero, qw.group_size, in_features)
-    return (qw.q - zero_cols) * scale_cols
+    grouped = _grouped(qw.q.to(qw.scale.dtype), qw.group_size)
+    return _ungrouped((grouped - qw.zero[..., None]) * qw.scale[..., None], qw.q.shape[1])

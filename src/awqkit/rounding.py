@@ -7,9 +7,11 @@ neighbour of ``u``, so with no flips it is nearest rounding, bit for bit.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from awqkit.quant import RoundingFn, round_nearest
@@ -77,21 +79,47 @@ def _best_prefix(
     Every candidate's impact has the sign of the row error, so the running sum moves
     monotonically toward and then past the error: |error - sum| falls, then rises. The best
     prefix therefore ends where the sum crosses the error, and only the closest candidates up to
-    that point need ordering, so a partial sort (topk) that widens until every row crosses is
-    enough. Non-candidates sort last with impact 0, so no best prefix ends on one (argmin takes
-    the first minimum).
+    that point need ordering, so a partial sort that widens until every row crosses is enough.
+    Non-candidates sort last with impact 0, so no best prefix ends on one (argmin takes the
+    first minimum).
     """
     n = distance.shape[1]
     k = min(first_k, n)
+    closest = _closest_columns(distance)
     while True:
-        nearest_k, order = distance.topk(k, dim=1, largest=False, sorted=True)
+        order = closest(k)
         cumulative = impact.gather(1, order).cumsum(dim=1, dtype=torch.float64)
-        done = (cumulative[:, -1].abs() >= error.abs()) | (nearest_k[:, -1] >= _NOT_A_CANDIDATE)
+        farthest = distance.gather(1, order[:, -1:]).squeeze(1)
+        done = (cumulative[:, -1].abs() >= error.abs()) | (farthest >= _NOT_A_CANDIDATE)
         if k == n or bool(done.all()):
             break
         k = min(4 * k, n)
     cumulative = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative], dim=1)
     return order, (error[:, None] - cumulative).abs().argmin(dim=1, keepdim=True)
+
+
+def _closest_columns(distance: torch.Tensor) -> Callable[[int], torch.Tensor]:
+    """k -> per row, the columns of the k smallest (non-negative) distances, closest first.
+
+    On CPU, numpy's partition + sort of int64 keys is ~5x faster than torch.topk (measured), and
+    exact: non-negative float32s order like their bit patterns, so a key holding the distance's
+    bits above the column index orders by distance, ties to the lower column.
+    """
+    if distance.device.type != "cpu":
+        return lambda k: distance.topk(k, dim=1, largest=False, sorted=True).indices
+    rows, n = distance.shape
+    keys = np.empty((rows, n), dtype=np.int64)
+    halves = keys.view(np.int32).reshape(rows, n, 2)
+    low = 0 if sys.byteorder == "little" else 1
+    halves[..., low] = np.arange(n, dtype=np.int32)
+    halves[..., 1 - low] = distance.float().contiguous().numpy().view(np.int32)
+
+    def closest(k: int) -> torch.Tensor:
+        smallest = np.partition(keys, k - 1, axis=1)[:, :k] if k < n else keys
+        columns = np.sort(smallest, axis=1).view(np.int32).reshape(rows, k, 2)[..., low]
+        return torch.from_numpy(columns).long()
+
+    return closest
 
 
 # A rounding factory takes the AWQ scales of one grid point and returns the strategy to use there.

@@ -23,7 +23,9 @@ def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def output_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return (x @ (w - w_hat).T).pow(2).mean().item()
+    """mean((X (W - W_hat)^T)^2), the product in the dtype of ``x`` (bf16 where that is faster)."""
+    y = torch.nn.functional.linear(x, (w - w_hat).to(x.dtype))
+    return y.to(torch.promote_types(y.dtype, torch.float32)).pow(2).mean().item()
 
 
 # W_hat -> the error it causes; the search minimises it.
