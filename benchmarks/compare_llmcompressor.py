@@ -58,11 +58,11 @@ AWQKIT_METHODS = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults sized for about 30 minutes on a 2-core AVX2 machine; every size is an option."""
+    """Defaults sized for under 30 minutes on a 2-core machine (setup included); every size is an option."""
 
     models: tuple[str, ...] = ("smollm2", "gemma3")
     # SmolLM2's 576-wide inputs take no group of 128 in llm-compressor: 64 is the size both run
-    group_sizes: tuple[int, ...] = (64,)
+    group_sizes: tuple[int, ...] = (64, 128)
     methods: tuple[str, ...] = (LLMC, *AWQKIT_METHODS)
     bits: int = 4
     # small on purpose: llm-compressor's AWQ runs bf16 matmuls on CPU (~800 CPU-s at 16 x 256, n-grid 20)
@@ -76,7 +76,7 @@ class Settings:
     llmc_dtype: str = "auto"
     # awqkit's --compute-dtype; auto: whichever of float32 and bfloat16 multiplies faster here
     compute_dtype: str = "auto"
-    eval_windows: int = 5
+    eval_windows: int = 8
     eval_seq_len: int = 512
     # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
     scaling: bool = True
@@ -346,14 +346,19 @@ def llmc_refusal(linears: list[tuple[int, int]], group: int) -> str | None:
 
 
 def evaluate(models: list[Path], s: Settings, report: Path, log: Path) -> dict:
-    """``awqkit eval`` on every output; float32 upcasts bf16 exactly and is the fast path on AVX2 CPUs."""
+    """``awqkit eval`` on every output, in the dtype each was saved in (bf16) where bf16 multiplies
+    faster, else in float32, which upcasts bf16 exactly and is the fast path on AVX2 CPUs."""
     command = [
         sys.executable, "-m", "awqkit.cli", "eval", *map(str, models), "--datasets", "fortunes,foldoc",
-        "--seq-len", str(s.eval_seq_len), "--max-windows", str(s.eval_windows), "--dtype", "float32",
+        "--seq-len", str(s.eval_seq_len), "--max-windows", str(s.eval_windows), "--dtype", eval_dtype(s),
         "--seed", str(s.seed), "--json", str(report), "--quiet", "--no-cache",
     ]  # fmt: skip
     run_measured("eval", command, log)
     return json.loads(report.read_text())
+
+
+def eval_dtype(s: Settings) -> str:
+    return "float32" if s.compute_dtype == "float32" else "auto"
 
 
 def quality(report: dict, names: list[str]) -> dict[str, dict[str, dict]]:
@@ -609,7 +614,7 @@ def settings_lines(s: Settings) -> list[str]:
         f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
         f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
         f"awqkit: --compute-dtype {s.compute_dtype} (calibration forward and search products; quantization arithmetic float32)",
-        f"evaluation: awqkit eval, float32, first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
+        f"evaluation: awqkit eval, dtype {eval_dtype(s)} (auto: as saved, bf16), first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
         f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}; its min-max observer keeps 0 inside every group's range, awqkit's does not",
         f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
         f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each",

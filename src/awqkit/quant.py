@@ -83,11 +83,11 @@ def quantize_groupwise(
     check_quant_args(bits, group_size)
     scale, zero = groupwise_qparams(w, bits, group_size)
     in_features = w.shape[1]
-    u = _ungrouped(_grouped(w, group_size) / scale[..., None] + zero[..., None], in_features)
+    u = _ungrouped((_grouped(w, group_size) / scale[..., None]).add_(zero[..., None]), in_features)
     q = rounding(u, expand_groups(scale, group_size, in_features), 2**bits - 1)
     return GroupQuantized(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size)
 
 
 def dequantize_groupwise(qw: GroupQuantized) -> torch.Tensor:
     grouped = _grouped(qw.q.to(qw.scale.dtype), qw.group_size)
-    return _ungrouped((grouped - qw.zero[..., None]) * qw.scale[..., None], qw.q.shape[1])
+    return _ungrouped((grouped - qw.zero[..., None]).mul_(qw.scale[..., None]), qw.q.shape[1])

@@ -51,18 +51,21 @@ class GreedyFlipRounding:
         # than a multiply, and this runs once per weight per alpha. float64 only for the row sums.
         q = round_nearest(u, scale_cols, max_int)
         residual = u - q  # in [-0.5, 0.5]; a flip moves q one step toward u
-        unit_impact = self.act_mean.to(u.dtype)[None, :] * scale_cols
+        unit_impact = scale_cols * self.act_mean.to(u.dtype)[None, :]
         error = (unit_impact * residual).sum(dim=1, dtype=torch.float64)
 
         direction = torch.copysign(torch.ones((), dtype=u.dtype), residual)  # +1 where u >= q
-        impact = unit_impact * direction  # the error falls by this much when flipped
-        flipped = q + direction
-        candidate = (flipped >= 0) & (flipped <= max_int) & (impact * torch.sign(error).to(u.dtype)[:, None] > 0)
+        impact = unit_impact.mul_(direction)  # the error falls by this much when flipped
+        half_range = max_int / 2
+        candidate = (q + direction).sub_(half_range).abs_() <= half_range  # the flip stays in range
+        candidate &= impact * torch.sign(error).to(u.dtype)[:, None] > 0
         candidate &= ~outlier_mask(self.act_mean, self.outlier_percent)[None, :]
 
         # Only a clamped u (beyond the range, never a candidate) has |residual| > 0.5: clamp to 0.
-        distance = (0.5 - residual.abs()).clamp_(min=0.0) + (~candidate) * _NOT_A_CANDIDATE
-        order, best_k = _best_prefix(distance, impact * candidate, error)
+        # In place from here on: fresh full-size tensors cost page faults, not only passes.
+        distance = residual.abs_().neg_().add_(0.5).clamp_(min=0.0).add_(~candidate, alpha=_NOT_A_CANDIDATE)
+        impact.mul_(candidate)
+        order, best_k = _best_prefix(distance, impact, error)
         flip = torch.arange(order.shape[1], device=u.device)[None, :] < best_k
         return q.scatter_add(1, order, direction.gather(1, order) * flip)
 

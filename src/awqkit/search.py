@@ -78,7 +78,7 @@ def search_alpha(
     for alpha in alphas:
         scales = awq_scales(salience, alpha).to(w.dtype)
         quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales))
-        error = error_of(dequantize_groupwise(quantized) / scales)
+        error = error_of(dequantize_groupwise(quantized).div_(scales))
         errors.append(error)
         if best is None or error < best.error:
             best = SearchResult(alpha, scales, quantized, error, errors)
