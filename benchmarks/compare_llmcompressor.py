@@ -582,18 +582,18 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
             rounding = rounding_s(st)
             compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding
             cells = [st.get(k, 0.0) for k in ("calibration data", "load", "calibration", "search")] + [rounding, st.get("save", 0.0)]
-            rows.append([pair["model"], method, *(f"{c:.1f}" for c in cells), f"{floor:.1f}",
-                         f"{timing['work']['floor_s']['bf16']:.1f}", f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}"])  # fmt: skip
-    header = ["model", "method", "calib data s", "load s", "calibration s", "search s", "rounding s", "save s",
+            rows.append([pair["model"], str(pair["group_size"]), method, *(f"{c:.1f}" for c in cells), *(f"{timing['work']['floor_s'][k]:.1f}" for k in ("fp32", "bf16")),
+                         f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}"])  # fmt: skip
+    header = ["model", "group", "method", "calib data s", "load s", "calibration s", "search s", "rounding s", "save s",
               f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
               f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor"]  # fmt: skip
     return _md(header, rows)
 
 
 def llmc_stages_table(pairs: list[dict]) -> str:
-    rows = [[p["model"], *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
+    rows = [[p["model"], str(p["group_size"]), *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
             for p in pairs if LLMC in p["methods"]]  # fmt: skip
-    return _md(["model", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
+    return _md(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
 
 
 def scaling_table(rows: list[dict], compute_dtype: str) -> str:
