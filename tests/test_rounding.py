@@ -103,3 +103,17 @@ def test_greedy_matches_the_definition_row_by_row(seed):
     for i in range(w.shape[0]):
         expected = _greedy_row_by_the_definition(u[i], act_mean, scale[i], 2**bits - 1, outlier)
         assert torch.equal(greedy.q[i], expected), f"row {i}"
+
+
+def test_numpy_closest_columns_agree_with_topk_and_break_ties_by_column():
+    # CPU runs the numpy keys; other devices run torch.topk: both must give the same order.
+    from awqkit.rounding import _closest_columns_numpy
+
+    g = torch.Generator().manual_seed(5)
+    distance = torch.rand(40, 300, generator=g) * 0.5
+    distance[:, ::7] += 1.0  # non-candidates sort last
+    for k in (1, 64, 300):
+        expected = distance.topk(k, dim=1, largest=False, sorted=True).indices
+        assert torch.equal(_closest_columns_numpy(distance)(k), expected)
+    tied = torch.tensor([[0.25, 0.0, 0.25, 0.0, 1.0]])
+    assert _closest_columns_numpy(tied)(5).tolist() == [[1, 3, 0, 2, 4]]
