@@ -52,7 +52,7 @@ class GreedyFlipRounding:
         q = round_nearest(u, scale_cols, max_int)
         residual = u - q  # in [-0.5, 0.5]; a flip moves q one step toward u
         unit_impact = scale_cols * self.act_mean.to(u.dtype)[None, :]
-        error = (unit_impact * residual).sum(dim=1, dtype=torch.float64)
+        error = (unit_impact * residual).double().sum(dim=1)  # ~3x faster than sum(dtype=float64)
 
         direction = torch.copysign(torch.ones((), dtype=u.dtype), residual)  # +1 where u >= q
         impact = unit_impact.mul_(direction)  # the error falls by this much when flipped
@@ -122,8 +122,9 @@ def _closest_columns_numpy(distance: torch.Tensor) -> Callable[[int], torch.Tens
     halves[..., 1 - low] = distance.float().contiguous().numpy().view(np.int32)
 
     def closest(k: int) -> torch.Tensor:
-        smallest = np.partition(keys, k - 1, axis=1)[:, :k] if k < n else keys
-        columns = np.sort(smallest, axis=1).view(np.int32).reshape(rows, k, 2)[..., low]
+        if k < n:
+            keys.partition(k - 1, axis=1)  # in place: np.partition would first copy all the keys
+        columns = np.sort(keys[:, :k], axis=1).view(np.int32).reshape(rows, k, 2)[..., low]
         return torch.from_numpy(columns).long()
 
     return closest
