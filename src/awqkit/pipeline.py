@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import time
@@ -120,10 +121,12 @@ def release_freed_memory() -> None:
     Two threads allocating from their own malloc arenas leave freed chunks scattered, so peak RSS
     grew by 0.0-0.3 GiB run to run on SmolLM2 without this; with it, it is flat (measured).
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
+@functools.cache
 def _glibc() -> Any:
     import ctypes
     import ctypes.util
@@ -133,9 +136,6 @@ def _glibc() -> Any:
         return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
-
-
-_LIBC = _glibc()
 
 
 def peak_rss_gib() -> float:

@@ -27,9 +27,12 @@ def outlier_mask(act_mean: torch.Tensor, outlier_percent: float) -> torch.Tensor
     return mask
 
 
-def row_output_error(u: torch.Tensor, q: torch.Tensor, unit_impact: torch.Tensor) -> torch.Tensor:
-    """e = sum_j m_j (w_j - w'_j) per row, using w - w' = (u - q) * scale."""
-    return (unit_impact * (u.double() - q.double())).sum(dim=1)
+def row_output_error(residual: torch.Tensor, unit_impact: torch.Tensor) -> torch.Tensor:
+    """e = sum_j m_j (w_j - w'_j) per row, using w - w' = (u - q) * scale = residual * scale.
+
+    Summed in float64; converting first is ~3x faster than sum(dtype=float64) on CPU.
+    """
+    return (unit_impact * residual).double().sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class GreedyFlipRounding:
         q = round_nearest(u, scale_cols, max_int)
         residual = u - q  # in [-0.5, 0.5]; a flip moves q one step toward u
         unit_impact = scale_cols * self.act_mean.to(u.dtype)[None, :]
-        error = (unit_impact * residual).double().sum(dim=1)  # ~3x faster than sum(dtype=float64)
+        error = row_output_error(residual, unit_impact)
 
         direction = torch.copysign(torch.ones((), dtype=u.dtype), residual)  # +1 where u >= q
         impact = unit_impact.mul_(direction)  # the error falls by this much when flipped
