@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from awqkit.architectures import find_decoder
-from awqkit.calibration import search_token_indices, walk_blocks
+from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.shipped import shipped_model
 
 TINY = {
@@ -32,14 +32,10 @@ def tiny_model(model_type: str, layers: int = 2, seed: int = 0, **overrides) -> 
 def walked_last_block_output(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 2) -> torch.Tensor:
     """The last block's output when the calibration walk feeds the windows block by block."""
     layout = find_decoder(model)
-    outputs = []
-    hook = layout.blocks[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
     indices = search_token_indices(windows.numel(), 32, 0)
-    for _ in walk_blocks(layout, windows, search_indices=indices, batch_size=batch_size):
-        pass
-    hook.remove()
-    # The first half fired during the capture pass, where blocks are pass-throughs.
-    return torch.cat(outputs[len(outputs) // 2 :])
+    inputs = capture_block_inputs(layout, windows, batch_size, torch.float32)
+    *_, last = walk_blocks(layout, inputs, search_indices=indices)
+    return torch.cat(last.outputs)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_gemma3_blocks_get_their_own_attention_arguments():
     from awqkit.calibration import capture_block_inputs
 
     layout = find_decoder(model)
-    _, per_block = capture_block_inputs(layout, windows, 2, torch.float32)
+    per_block = capture_block_inputs(layout, windows, 2, torch.float32).args
     args0, args5 = per_block[0][0][1], per_block[5][0][1]
     assert not torch.equal(args0["position_embeddings"][0], args5["position_embeddings"][0])
     assert torch.allclose(walked_last_block_output(model, windows), full, atol=1e-5)

@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_model
 
 from awqkit.architectures import find_decoder
-from awqkit.calibration import calibration_windows, cut_windows, search_token_indices, walk_blocks
+from awqkit.calibration import calibration_windows, capture_block_inputs, cut_windows, search_token_indices, walk_blocks
 
 
 def test_windows_are_seeded_and_bos_led():
@@ -28,7 +28,8 @@ def test_statistics_match_the_inputs_and_shared_inputs_share_them():
         for key, m in (("q", attn.q_proj), ("o", attn.o_proj), ("down", mlp.down_proj))
     ]
     indices = search_token_indices(windows.numel(), 20, 3)
-    stats = next(walk_blocks(layout, windows, search_indices=indices, batch_size=3)).stats
+    inputs = capture_block_inputs(layout, windows, 3, torch.float32)
+    stats = next(walk_blocks(layout, inputs, search_indices=indices)).stats
     for hook in hooks:
         hook.remove()
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from awqkit.architectures import ARCHITECTURES, UnsupportedModelError, architecture_of, find_decoder, foldable
-from awqkit.calibration import search_token_indices, walk_blocks
+from awqkit.blockquant import module_output_error
+from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.folding import divide_output, fold_scales
-from awqkit.pipeline import QuantizeConfig, module_output_error, quantize_model
+from awqkit.config import QuantizeConfig
+from awqkit.pipeline import quantize_model
 from awqkit.quant import dequantize_groupwise
 from conftest import tiny_model
 
@@ -74,7 +76,8 @@ def test_module_error_is_zero_for_the_original_weights():
     model = tiny_model("llama")
     layout = find_decoder(model)
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
-    visit = next(walk_blocks(layout, ids, search_indices=search_token_indices(32, 8, 0), record_modules=["mlp"]))
+    inputs = capture_block_inputs(layout, ids, 8, torch.float32)
+    visit = next(walk_blocks(layout, inputs, search_indices=search_token_indices(32, 8, 0), record_modules=["mlp"]))
     mlp = visit.block.mlp
     w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
     error_of = module_output_error(mlp, ["gate_proj.weight", "up_proj.weight"], [96, 96], visit.module_inputs["mlp"])

@@ -7,14 +7,15 @@ import torch
 from conftest import walked_last_block_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import awqkit.pipeline
+import awqkit.blockquant
 from awqkit.architectures import find_decoder
 from awqkit.calibration import bos_to_prepend, calibration_windows, tokenize_text
 from awqkit.checkpoint import load_model, save_quantized
 from awqkit.cli import main
 from awqkit.corpora import load_corpus
 from awqkit.evaluation import eval_windows, perplexity, window_nll
-from awqkit.pipeline import QuantizeConfig, quantize_model, run_record
+from awqkit.config import QuantizeConfig
+from awqkit.pipeline import quantize_model, run_record
 from awqkit.quant import round_nearest
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def test_nearest_is_bit_identical_with_greedy_compiled_out(smollm2_dir, calib_id
         assert name == "nearest"
         return lambda scales: round_nearest
 
-    monkeypatch.setattr(awqkit.pipeline, "make_rounding", nearest_only)
+    monkeypatch.setattr(awqkit.blockquant, "make_rounding", nearest_only)
     compiled_out = run(SMALL)
     assert all(torch.equal(nearest[k], compiled_out[k]) for k in nearest)
     assert all(torch.equal(nearest[k], greedy_no_flips[k]) for k in nearest)
@@ -77,7 +78,7 @@ def test_bf16_model_saves_and_reloads_as_bf16_with_identical_values(smollm2_dir,
     windows = calibration_windows(calib_ids, 2, 64, 0, None)
     config = QuantizeConfig(**{**SMALL.__dict__, "n_calib": 2, "seq_len": 64})
     result = quantize_model(model, windows, config, progress=False)
-    save_quantized(model, tokenizer, tmp_path / "q", run_record("smollm2", model, config, result), result.scales)
+    save_quantized(model, tokenizer, tmp_path / "q", run_record("smollm2", "bfloat16", config, result.layers), result.scales)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype="auto")
     assert reloaded.dtype == torch.bfloat16
     saved = model.state_dict()
@@ -140,7 +141,7 @@ def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2
     config = QuantizeConfig(**{**SMALL.__dict__, "scales": "shared", "objective": "module", "group_size": 64, "format": "compressed-tensors"})
     windows = calibration_windows(calib_ids, config.n_calib, config.seq_len, config.seed, None)
     result = quantize_model(model, windows, config, progress=False)
-    record = run_record(str(smollm2_dir), model, config, result)
+    record = run_record(str(smollm2_dir), "bfloat16", config, result.layers)
     for fmt in ("fake", "compressed-tensors"):
         save_quantized(model, tokenizer, tmp_path / fmt, record, result.scales, format=fmt, quantized=result.quantized)
     fake = AutoModelForCausalLM.from_pretrained(tmp_path / "fake", dtype="auto")

@@ -22,6 +22,7 @@ class DecoderLayout:
     decoder: nn.Module  # embeds tokens and runs the blocks (``model.model`` for Llama)
     blocks: nn.ModuleList
     blocks_name: str  # qualified name of ``blocks`` inside the full model
+    decoder_name: str  # qualified name of ``decoder`` inside the full model ("" when it is the model)
 
 
 def _num_params(module: nn.Module) -> int:
@@ -43,7 +44,7 @@ def find_decoder(model: nn.Module) -> DecoderLayout:
     name, blocks = max(stacks, key=lambda item: _num_params(item[1]))
     prefix = next(n for n, m in model.named_modules() if m is decoder)
     _check_block(blocks[0], type(model).__name__)
-    return DecoderLayout(decoder, blocks, ".".join(p for p in (prefix, name) if p))
+    return DecoderLayout(decoder, blocks, ".".join(p for p in (prefix, name) if p), prefix)
 
 
 def _check_block(block: nn.Module, model_name: str) -> None:
@@ -55,6 +56,15 @@ def _check_block(block: nn.Module, model_name: str) -> None:
         )
     if not any(isinstance(m, nn.Linear) for m in block.modules()):
         raise UnsupportedModelError(f"{model_name} has no nn.Linear in its decoder blocks; supported: {SUPPORTED}")
+    # A matrix outside nn.Linear (transformers' fused mixture-of-experts weights) would stay float
+    # while the rest is quantized: refuse rather than half-quantize.
+    in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
+    if others:
+        raise UnsupportedModelError(
+            f"{model_name}'s blocks hold weight matrices outside nn.Linear ({', '.join(others[:3])}), "
+            f"such as fused mixture-of-experts weights, which awqkit does not quantize yet; supported: {SUPPORTED}"
+        )
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -70,9 +80,10 @@ class ScaleGroup:
     ``smooth`` (a norm's weight, or a linear's output rows), so the model computes the same
     function and the stored weights are exactly Q(W * s). ``module`` is the submodule whose output
     the module objective compares (the attention block for q, k, v); None means the linear itself.
+    A group with no ``smooth`` has nowhere to fold: per-linear scales are groups of one such linear.
     """
 
-    smooth: str
+    smooth: str | None
     balance: tuple[str, ...]
     module: str | None = None
 
@@ -112,8 +123,15 @@ def architecture_of(model: nn.Module) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+def per_linear_groups(block: nn.Module) -> tuple[ScaleGroup, ...]:
+    """Each linear its own scale group, folding nowhere: the per-linear (research) form."""
+    return tuple(ScaleGroup(None, (name,)) for name in block_linears(block))
+
+
 def foldable(group: ScaleGroup, block: nn.Module) -> bool:
     """Whether 1/s fits into ``smooth``: a linear's output rows must be the balance inputs one to one."""
+    if group.smooth is None:
+        return False
     smooth = block.get_submodule(group.smooth)
     width = block.get_submodule(group.balance[0]).in_features
     return not isinstance(smooth, nn.Linear) or smooth.out_features == width

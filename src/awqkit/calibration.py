@@ -7,13 +7,18 @@ the search, so memory holds one block's statistics plus the hidden states of the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from awqkit.architectures import DecoderLayout, block_linears
+
+if TYPE_CHECKING:
+    from awqkit.config import QuantizeConfig
 
 
 def bos_to_prepend(tokenizer: Any) -> int | None:
@@ -95,6 +100,39 @@ def search_token_indices(n_tokens: int, max_tokens: int, seed: int) -> torch.Ten
     return torch.randperm(n_tokens, generator=generator)[:max_tokens].sort().values
 
 
+def load_calibration_tokens(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """Windows saved as a 2-D integer .npy file, checked against the tokenizer's vocabulary."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration token file not found: {path}")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not a numpy .npy array ({str(error).splitlines()[0]})") from None
+    if not isinstance(ids, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        raise ValueError(f"{path}: expected one .npy array of token ids, got an .npz archive")
+    if ids.dtype.kind not in "iu":  # a float file would be silently truncated to ids
+        raise ValueError(f"{path}: token ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"{path}: expected a non-empty [n_windows, seq_len] array, got shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"{path}: token ids outside the tokenizer's vocabulary (0..{vocab_size - 1})")
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+def calibration_data(tokenizer: Any, config: "QuantizeConfig") -> torch.Tensor:
+    """The run's windows: from ``calib_tokens`` as given, or drawn from ``calib_data``'s text."""
+    from awqkit.corpora import load_corpus
+
+    if config.calib_tokens is not None:
+        return load_calibration_tokens(config.calib_tokens, len(tokenizer))
+    text = load_corpus(config.calib_data, split="train")
+    # Twice the tokens needed, so the seeded window draw still has a choice to make.
+    ids = sample_text_ids(tokenizer, text, 2 * config.n_calib * config.seq_len, config.seed)
+    return calibration_windows(ids, config.n_calib, config.seq_len, config.seed, bos_to_prepend(tokenizer))
+
+
 @dataclass
 class LinearStats:
     """Running statistics of one linear's input over all calibration tokens."""
@@ -105,8 +143,8 @@ class LinearStats:
     samples: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, in_features: int) -> "LinearStats":
-        zeros = torch.zeros(in_features, dtype=torch.float64)
+    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
+        zeros = torch.zeros(in_features, dtype=torch.float64, device=device)
         return cls(zeros, zeros.clone())
 
     def add(self, x: torch.Tensor, sample_rows: torch.Tensor) -> None:
@@ -115,7 +153,7 @@ class LinearStats:
         self.sum_x += x64.sum(dim=0)
         self.sum_x2 += x64.square().sum(dim=0)
         self.count += x.shape[0]
-        self.samples.append(x[sample_rows])
+        self.samples.append(x[sample_rows.to(x.device)])
 
     def mean(self) -> torch.Tensor:
         return self.sum_x / self.count
@@ -131,17 +169,45 @@ class LinearStats:
 BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keyword args
 
 
+@dataclass
+class BlockInputs:
+    """What enters the blocks: block 0's hidden states and each block's own arguments, per batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[list[BlockArgs]]
+
+    def to(self, device: torch.device) -> "BlockInputs":
+        return BlockInputs(_to(self.hidden, device), _to(self.args, device))
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors inside nested tuples, lists and dicts moved to ``device``; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+class _PastLastBlock(Exception):
+    """Raised by the last pass-through block: the decoder's norm and head are not needed."""
+
+
 def capture_block_inputs(
     layout: DecoderLayout, windows: torch.Tensor, batch_size: int, dtype: torch.dtype
-) -> tuple[list[torch.Tensor], list[list[BlockArgs]]]:
+) -> BlockInputs:
     """Hidden states entering block 0, and the arguments each block receives, per batch.
 
     Arguments are captured per block, not once at block 0: models that alternate attention types
     (Gemma3: sliding vs full, with different rotary bases and masks) pass each block its own.
-    The blocks are replaced by pass-throughs, so this costs one embedding lookup per batch.
+    The blocks are replaced by pass-throughs and the forward stops after the last one, so this
+    costs one embedding lookup per batch and needs no weights but the embeddings.
     """
     records: list[BlockArgs] = []
     first_inputs: list[torch.Tensor] = []
+    last = len(layout.blocks) - 1
 
     def pass_through(index: int):
         def forward(*args, **kwargs):
@@ -149,6 +215,8 @@ def capture_block_inputs(
             if index == 0:
                 first_inputs.append(hidden)
             records.append((args[1:], kwargs))
+            if index == last:
+                raise _PastLastBlock
             return hidden
 
         return forward
@@ -161,40 +229,82 @@ def capture_block_inputs(
         with torch.no_grad():
             for batch in windows.split(batch_size):
                 records.clear()
-                layout.decoder(inputs_embeds=embed(batch).to(dtype), use_cache=False)
+                try:
+                    layout.decoder(inputs_embeds=embed(batch.to(embed.weight.device)).to(dtype), use_cache=False)
+                except _PastLastBlock:
+                    pass
                 for index, args in enumerate(records):
                     per_block[index].append(args)
     finally:
         for block in layout.blocks:
             del block.forward
-    return first_inputs, per_block
+    return BlockInputs(first_inputs, per_block)
+
+
+# Block index -> the block's parameters and persistent buffers as stored (CPU, checkpoint dtype).
+BlockState = Callable[[int], dict[str, torch.Tensor]]
+
+
+def in_memory_state(layout: DecoderLayout) -> BlockState:
+    return lambda index: {name: t.detach() for name, t in layout.blocks[index].state_dict().items()}
 
 
 @dataclass
 class BlockVisit:
     index: int
+    # The block in float32 on the compute device: what the caller searches, folds and quantizes.
     block: nn.Module
+    # The same block in the compute dtype, for forwards (the same object when that is float32).
+    forward: nn.Module
     stats: dict[str, LinearStats]  # per linear name; linears fed the same tensor share one object
     # (args, kwargs) that each requested submodule received in the first calibration batch
     module_inputs: dict[str, BlockArgs]
+    # The block's float outputs before the caller touched it: the next block's inputs.
+    outputs: list[torch.Tensor]
+    stored_dtypes: dict[str, torch.dtype]
+
+    def sync_forward(self) -> None:
+        """Copy ``block``'s (folded) weights into ``forward`` after the caller changed them."""
+        if self.forward is not self.block:
+            self.forward.load_state_dict(self.block.state_dict())
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The block's tensors as they are to be stored: each in its loaded dtype, on the CPU."""
+        return {
+            name: tensor.detach().to(device="cpu", dtype=self.stored_dtypes[name]).contiguous()
+            for name, tensor in self.block.state_dict().items()
+        }
+
+
+def _work_copy(template: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """``template``'s structure holding ``state`` in float32 on ``device`` (float32 upcasts exactly)."""
+    block = copy.deepcopy(template)
+    state = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    block.load_state_dict(state, strict=True, assign=True)
+    return block.to(device)
 
 
 def walk_blocks(
     layout: DecoderLayout,
-    windows: torch.Tensor,
+    inputs: BlockInputs,
     *,
     search_indices: torch.Tensor,
-    batch_size: int = 8,
     compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     record_modules: Sequence[str] = (),
+    block_state: BlockState | None = None,
+    start: int = 0,
 ) -> Iterator[BlockVisit]:
-    """Visit the blocks one at a time with the input statistics of their linears.
+    """Visit the blocks from ``start`` on, one at a time, with the input statistics of their linears.
 
-    Each block runs in ``compute_dtype`` while it is visited and goes back to its own dtype when
-    the caller resumes the walk, so weights the caller writes are rounded to the model's dtype.
-    The next block's inputs are this block's outputs computed before the caller touched it.
+    Each block is loaded from ``block_state`` (the model's own blocks by default), copied to
+    ``device`` in float32 for the caller to quantize, and run in ``compute_dtype``. ``inputs``
+    holds the hidden states entering block ``start``. Only the visited block is in memory.
     """
-    hidden, block_args = capture_block_inputs(layout, windows, batch_size, compute_dtype)
+    device = torch.device(device)
+    block_state = block_state or in_memory_state(layout)
+    inputs = inputs.to(device)
+    hidden = inputs.hidden
     tokens_per_batch = [h.shape[0] * h.shape[1] for h in hidden]
     starts = torch.tensor([0] + tokens_per_batch).cumsum(0)
     rows_per_batch = [
@@ -202,11 +312,14 @@ def walk_blocks(
         for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist())
     ]
 
-    for index, block in enumerate(layout.blocks):
-        own_dtype = next(block.parameters()).dtype
-        block.to(compute_dtype)
-        linears = block_linears(block)
-        stats = {name: LinearStats.empty(linear.in_features) for name, linear in linears.items()}
+    for index in range(start, len(layout.blocks)):
+        state = block_state(index)
+        block = _work_copy(layout.blocks[index], state, device)
+        forward = block if compute_dtype == torch.float32 else copy.deepcopy(block).to(compute_dtype)
+        stored_dtypes = {name: tensor.dtype for name, tensor in state.items()}
+        del state
+        linears = block_linears(forward)
+        stats = {name: LinearStats.empty(linear.in_features, device) for name, linear in linears.items()}
         module_inputs: dict[str, BlockArgs] = {}
         batch: dict[str, Any] = {"rows": rows_per_batch[0], "seen": []}
 
@@ -232,20 +345,19 @@ def walk_blocks(
 
         handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
         handles += [
-            block.get_submodule(name).register_forward_pre_hook(keep_inputs(name), with_kwargs=True)
+            forward.get_submodule(name).register_forward_pre_hook(keep_inputs(name), with_kwargs=True)
             for name in record_modules
         ]
         outputs = []
         try:
             with torch.no_grad():
-                for b, (h, (args, kwargs)) in enumerate(zip(hidden, block_args[index])):
+                for b, (h, (args, kwargs)) in enumerate(zip(hidden, inputs.args[index])):
                     batch["rows"], batch["seen"] = rows_per_batch[b], []
-                    out = block(h, *args, **kwargs)
+                    out = forward(h, *args, **kwargs)
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
             for handle in handles:
                 handle.remove()
             batch["seen"] = []
-        yield BlockVisit(index, block, stats, module_inputs)
-        block.to(own_dtype)
+        yield BlockVisit(index, block, forward, stats, module_inputs, outputs, stored_dtypes)
         hidden = outputs

@@ -1,106 +1,40 @@
-"""The quantization run, end to end, as functions over one config dataclass."""
+"""The quantization run: the decoder walked block by block, each block calibrated, searched,
+quantized and handed on, from a model in memory or streamed from its safetensors shards.
+"""
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import json
 import logging
-import resource
+import platform
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from awqkit.architectures import Architecture, ScaleGroup, architecture_of, block_linears, find_decoder, foldable
+from awqkit.architectures import Architecture, DecoderLayout, ScaleGroup, architecture_of, find_decoder, per_linear_groups
+from awqkit.blockquant import LayerRecord, QuantizedLinear, quantize_block
 from awqkit.calibration import (
+    BlockInputs,
+    BlockState,
     BlockVisit,
-    LinearStats,
-    bos_to_prepend,
-    calibration_windows,
-    sample_text_ids,
+    calibration_data,
+    capture_block_inputs,
     search_token_indices,
     walk_blocks,
 )
-from awqkit.corpora import load_corpus
-from awqkit.folding import fold_scales
-from awqkit.quant import GroupQuantized, check_quant_args, dequantize_groupwise, quantize_groupwise
-from awqkit.rounding import ROUNDINGS, RoundingFactory, make_rounding
-from awqkit.search import ErrorFn, SearchResult, alpha_grid, linear_output_error, search_alpha
+from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
+from awqkit.quant import GroupQuantized
+from awqkit.runtime import peak_device_gib, peak_rss_gib, release_freed_memory, resolve_device, synchronize, timed
 
 log = logging.getLogger("awqkit")
 
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    bits: int = 4
-    group_size: int = 128
-    n_grid: int = 20
-    n_calib: int = 128
-    seq_len: int = 512
-    seed: int = 42
-    rounding: str = "nearest"
-    outlier_percent: float = 0.05
-    max_search_tokens: int = 2048
-    calib_data: str = "wikitext2"
-    # Token windows [n, seq_len] saved with numpy (.npy), BOS included: used as-is instead of
-    # drawing from calib_data, so other tools can calibrate on exactly the same tokens.
-    calib_tokens: str | None = None
-    batch_size: int = 8
-    # The dtype of the calibration forward and the search's products; the quantization arithmetic
-    # is float32 either way. fp32 matmuls are ~7x faster than bf16 on AVX2-only CPUs (110 vs 15
-    # GFLOP/s), bf16 ~4x faster than fp32 on CPUs with AVX512-BF16 or AMX (766 vs 180) and on GPUs.
-    compute_dtype: str = "float32"
-    # per-linear: each linear its own s, stored as Q(W*s)/s (the research method, fake-quant only).
-    # shared: one s per set of linears reading one input, folded into the op producing it, so the
-    # stored weight is Q(W*s) itself and packed formats can hold it.
-    scales: str = "per-linear"
-    # What a shared s minimises: the set's stacked linear outputs, or the output of the module the
-    # set feeds (attention for q, k, v; the MLP for gate, up), as llm-awq and llm-compressor do.
-    objective: str = "linear"
-    format: str = "fake"
-
-    def validate(self) -> None:
-        check_quant_args(self.bits, self.group_size)
-        if self.n_grid < 0:
-            raise ValueError(f"n-grid must be >= 0 (0: round-to-nearest with no scaling), got {self.n_grid}")
-        for name in ("n_calib", "seq_len", "max_search_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-        if not 0.0 <= self.outlier_percent <= 1.0:
-            raise ValueError(f"outlier-percent must be in [0, 1], got {self.outlier_percent}")
-        for name, allowed in (("scales", SCALES), ("objective", OBJECTIVES), ("format", FORMATS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        if self.scales == "per-linear" and self.objective != "linear":
-            raise ValueError("objective module needs --scales shared: per-linear scales cannot be folded into a module")
-        if self.format != "fake" and self.scales != "shared":
-            raise ValueError(
-                f"format {self.format} stores Q(W*s) on an integer grid, which needs --scales shared "
-                "(per-linear Q(W*s)/s is not on any grid)"
-            )
-        if self.format == "awq" and self.bits != 4:
-            raise ValueError(f"format awq (AutoAWQ GEMM) holds 4-bit weights only, got bits {self.bits}")
-
-
-SCALES = ("per-linear", "shared")
-OBJECTIVES = ("linear", "module")
-FORMATS = ("fake", "awq", "compressed-tensors")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-@dataclass
-class LayerRecord:
-    alpha: float
-    error: float
-    flips: int | None = None
+# Per finished block: the block, its quantized linears (names relative to it), its measurements.
+OnBlock = Callable[[BlockVisit, dict[str, QuantizedLinear], dict[str, Any]], None]
 
 
 @dataclass
@@ -109,186 +43,87 @@ class QuantizeResult:
     # module name -> the s applied: per-linear, W_saved * s is on the grid; shared, W_saved is on
     # the grid and 1/s went into the op producing the linear's input.
     scales: dict[str, torch.Tensor]
-    # module name -> integers, scales and zeros of the stored weight (shared scales only)
+    # module name -> integers, scales and zeros of the stored weight (packed formats only)
     quantized: dict[str, GroupQuantized] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_gib: float = 0.0
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by this block's temporaries back to the OS (glibc only).
-
-    Two threads allocating from their own malloc arenas leave freed chunks scattered, so peak RSS
-    grew by 0.0-0.3 GiB run to run on SmolLM2 without this; with it, it is flat (measured).
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+def _scale_groups(config: QuantizeConfig, architecture: Architecture | None) -> Callable[[Any], tuple[ScaleGroup, ...]]:
+    if architecture is None:
+        return per_linear_groups
+    return lambda block: architecture.scale_groups
 
 
-@functools.cache
-def _glibc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
+def _module_names(config: QuantizeConfig, architecture: Architecture | None) -> list[str]:
+    """Submodules whose inputs the module objective needs recorded."""
+    if architecture is None or config.objective != "module":
+        return []
+    return [group.module for group in architecture.scale_groups if group.module]
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[stage] += time.perf_counter() - start
-
-
-def _timed_steps(steps: Iterator, timings: dict[str, float], stage: str) -> Iterator:
-    while True:
-        with timed(timings, stage):
-            item = next(steps, None)
-        if item is None:
-            return
-        yield item
-
-
-def _rounding(config: QuantizeConfig, stats: LinearStats, timings: dict[str, float]) -> RoundingFactory:
-    rounding = make_rounding(config.rounding, stats.mean(), config.outlier_percent)
-
-    def timed_rounding(scales: torch.Tensor):
-        strategy = rounding(scales)
-
-        def apply(*args):
-            with timed(timings, config.rounding):
-                return strategy(*args)
-
-        return apply
-
-    return timed_rounding
-
-
-def _flipped(w: torch.Tensor, result: SearchResult, config: QuantizeConfig) -> torch.Tensor | None:
-    """Which integers the rounding moved off nearest (None for nearest rounding)."""
-    if config.rounding == "nearest":
-        return None
-    nearest = quantize_groupwise(w * result.scales, config.bits, config.group_size)
-    return nearest.q != result.quantized.q
-
-
-def quantize_linear(
-    linear: nn.Linear, stats: LinearStats, config: QuantizeConfig, timings: dict[str, float]
-) -> tuple[LayerRecord, torch.Tensor]:
-    """Search alpha for one linear, write Q(W*s)/s into it, return its record and s."""
-    w = linear.weight.data.float()
-    result = search_alpha(
-        w,
-        stats.mean_square(),
-        linear_output_error(stats.search_tokens(), w),
-        bits=config.bits,
-        group_size=config.group_size,
-        alphas=alpha_grid(config.n_grid),
-        rounding=_rounding(config, stats, timings),
+def quantize_blocks(
+    layout: DecoderLayout,
+    inputs: BlockInputs,
+    config: QuantizeConfig,
+    on_block: OnBlock,
+    *,
+    architecture: Architecture | None,
+    device: torch.device,
+    block_state: BlockState | None = None,
+    start: int = 0,
+    timings: dict[str, float],
+    progress: bool = True,
+) -> None:
+    """The one block walk: every block from ``start`` calibrated, searched, quantized, handed on."""
+    n_tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    steps = walk_blocks(
+        layout,
+        inputs,
+        search_indices=search_token_indices(n_tokens, config.max_search_tokens, config.seed),
+        compute_dtype=getattr(torch, config.compute_dtype),
+        device=device,
+        record_modules=_module_names(config, architecture),
+        block_state=block_state,
+        start=start,
     )
-    flipped = _flipped(w, result, config)
-    record = LayerRecord(result.alpha, result.error, None if flipped is None else int(flipped.sum()))
-    linear.weight.data.copy_(result.dequantized())
-    return record, result.scales
-
-
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def module_output_error(module: nn.Module, weight_names: list[str], sizes: list[int], inputs: tuple) -> ErrorFn:
-    """The MSE of ``module``'s output when the named weights (stacked by rows) are replaced."""
-    from torch.func import functional_call
-
-    args, kwargs = inputs
-    with torch.no_grad():
-        reference = _first(module(*args, **kwargs)).float()
-    dtype = next(module.parameters()).dtype  # the module runs in the compute dtype; W_hat is float32
-
-    def error_of(w_hat: torch.Tensor) -> float:
-        params = dict(zip(weight_names, w_hat.to(dtype).split(sizes)))
-        with torch.no_grad():
-            return (_first(functional_call(module, params, args, kwargs)).float() - reference).pow(2).mean().item()
-
-    return error_of
-
-
-def _group_error(visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig) -> ErrorFn:
-    stats = visit.stats[group.balance[0]]
-    if config.objective == "module" and group.module is not None:
-        module = visit.block.get_submodule(group.module)
-        names = [f"{name.removeprefix(group.module + '.')}.weight" for name in group.balance]
-        return module_output_error(module, names, sizes, visit.module_inputs[group.module])
-    return linear_output_error(stats.search_tokens(), w)
-
-
-def _check_groups(visit: BlockVisit, groups: tuple[ScaleGroup, ...]) -> None:
-    covered = [name for group in groups for name in group.balance]
-    if sorted(covered) != sorted(block_linears(visit.block)):
-        raise RuntimeError(f"scale groups cover {sorted(covered)}, but the block's linears are {sorted(block_linears(visit.block))}")
-    for group in groups:
-        if any(visit.stats[name] is not visit.stats[group.balance[0]] for name in group.balance):
-            raise RuntimeError(f"{', '.join(group.balance)} do not read one input tensor; the scale group table is wrong")
-
-
-def quantize_block_shared(
-    visit: BlockVisit, architecture: Architecture, config: QuantizeConfig, timings: dict[str, float]
-) -> dict[str, tuple[LayerRecord, torch.Tensor, GroupQuantized]]:
-    """One s per scale group, folded, and every linear of the block set to Q(W*s) on its grid.
-
-    Groups go last to first: a fold into a linear's rows (up_proj <- down_proj's s) must happen
-    before that linear is itself quantized. The block stays a float model with the same function
-    until every group is searched, so each search sees the others unquantized, as in AWQ.
-    """
-    _check_groups(visit, architecture.scale_groups)
-    done: dict[str, tuple[LayerRecord, torch.Tensor, GroupQuantized]] = {}
-    for group in reversed(architecture.scale_groups):
-        linears = [visit.block.get_submodule(name) for name in group.balance]
-        stats = visit.stats[group.balance[0]]
-        w = torch.cat([linear.weight.data for linear in linears]).float()
-        sizes = [linear.out_features for linear in linears]
-        scalable = foldable(group, visit.block)
-        result = search_alpha(
-            w,
-            stats.mean_square(),
-            _group_error(visit, group, w, sizes, config),
-            bits=config.bits,
-            group_size=config.group_size,
-            # An s that cannot be folded is s = 1: round-to-nearest (or greedy) alone.
-            alphas=alpha_grid(config.n_grid) if scalable else [0.0],
-            rounding=_rounding(config, stats, timings),
-        )
-        if scalable:
-            fold_scales(visit.block, group, result.scales, architecture.norm_offset)
-        flipped = _flipped(w, result, config)
-        q = result.quantized
-        for i, (name, q_part, scale, zero) in enumerate(
-            zip(group.balance, q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes))
-        ):
-            # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait for the writer.
-            part = GroupQuantized(q_part.to(torch.uint8), scale, zero, q.bits, q.group_size)
-            flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
-            done[name] = (LayerRecord(result.alpha, result.error, flips), result.scales, part)
-    for name, (_, _, part) in done.items():
-        visit.block.get_submodule(name).weight.data.copy_(dequantize_groupwise(part))
-    return {name: done[name] for name in block_linears(visit.block)}
+    groups = _scale_groups(config, architecture)
+    norm_offset = architecture.norm_offset if architecture is not None else 0.0
+    bar = tqdm(total=len(layout.blocks), initial=start, desc="blocks", unit="block", disable=not progress)
+    while True:
+        began = time.perf_counter()
+        with timed(timings, "calibration"):
+            visit = next(steps, None)
+            synchronize(device)
+        if visit is None:
+            break
+        with timed(timings, "search"):
+            results = quantize_block(
+                visit, groups(visit.block), config, norm_offset=norm_offset, timings=timings, progress=progress
+            )
+            synchronize(device)
+        measured = {"block": visit.index, "seconds": round(time.perf_counter() - began, 3), "peak_rss_gib": round(peak_rss_gib(), 3)}
+        if (device_gib := peak_device_gib(device)) is not None:
+            measured["peak_device_gib"] = round(device_gib, 3)
+        on_block(visit, results, measured)
+        del visit
+        bar.update()
+        release_freed_memory(device)
+    bar.close()
+    if config.rounding in timings:
+        timings["search"] -= timings[config.rounding]
 
 
 def quantize_model(
-    model: nn.Module, windows: torch.Tensor, config: QuantizeConfig, *, progress: bool = True
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    config: QuantizeConfig,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> QuantizeResult:
-    """Quantize every linear of the decoder blocks of ``model`` in place.
+    """Quantize every linear of the decoder blocks of an in-memory ``model`` in place.
 
     Per-linear scales leave Q(W*s)/s in each linear; shared scales leave Q(W*s) with 1/s folded
     into the norms and linears that feed them, and return the integers in ``result.quantized``
@@ -296,74 +131,31 @@ def quantize_model(
     """
     config.validate()
     layout = find_decoder(model)
-    shared = config.scales == "shared"
-    architecture = architecture_of(model) if shared else None
-    modules = [g.module for g in architecture.scale_groups if g.module] if shared and config.objective == "module" else []
-    timings: dict[str, float] = defaultdict(float)
-    search_indices = search_token_indices(windows.numel(), config.max_search_tokens, config.seed)
-    steps = walk_blocks(
-        layout,
-        windows,
-        search_indices=search_indices,
-        batch_size=config.batch_size,
-        compute_dtype=getattr(torch, config.compute_dtype),
-        record_modules=modules,
-    )
+    architecture = architecture_of(model) if config.scales == "shared" else None
+    timings: dict[str, float] = {}
+    with timed(timings, "calibration"):
+        inputs = capture_block_inputs(layout, windows, config.batch_size, getattr(torch, config.compute_dtype))
     result = QuantizeResult({}, {})
-    blocks_bar = tqdm(total=len(layout.blocks), desc="blocks", disable=not progress)
-    for visit in _timed_steps(steps, timings, "calibration"):
+
+    def keep(visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
+        layout.blocks[visit.index].load_state_dict(visit.stored_state())
         prefix = f"{layout.blocks_name}.{visit.index}."
-        with timed(timings, "search"):
-            if shared:
-                for name, (record, s, part) in quantize_block_shared(visit, architecture, config, timings).items():
-                    result.layers[prefix + name], result.scales[prefix + name] = record, s.float().clone()
-                    if config.format != "fake":  # only the packed writers need the integers
-                        result.quantized[prefix + name] = part
-            else:
-                for name, linear in tqdm(
-                    [(n, m) for n, m in visit.block.named_modules() if n in visit.stats],
-                    desc=f"block {visit.index}",
-                    leave=False,
-                    disable=not progress,
-                ):
-                    record, s = quantize_linear(linear, visit.stats[name], config, timings)
-                    result.layers[prefix + name], result.scales[prefix + name] = record, s.float().clone()
-        blocks_bar.update()
-        release_freed_memory()
-    blocks_bar.close()
-    if config.rounding in timings:
-        timings["search"] -= timings[config.rounding]
-    result.timings, result.peak_rss_gib = dict(timings), peak_rss_gib()
+        for name, linear in linears.items():
+            result.layers[prefix + name], result.scales[prefix + name] = linear.record, linear.scales
+            if linear.quantized is not None and config.format != "fake":
+                result.quantized[prefix + name] = linear.quantized
+        result.blocks.append(measured)
+
+    quantize_blocks(
+        layout, inputs, config, keep, architecture=architecture, device=resolve_device(device),
+        timings=timings, progress=progress,
+    )  # fmt: skip
+    result.timings, result.peak_rss_gib = timings, peak_rss_gib()
     return result
 
 
-def load_calibration_tokens(path: str | Path, vocab_size: int) -> torch.Tensor:
-    """Windows saved as a 2-D integer .npy file, checked against the tokenizer's vocabulary."""
-    import numpy as np
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"calibration token file not found: {path}")
-    ids = torch.from_numpy(np.load(path, allow_pickle=False)).long()
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"{path}: expected a non-empty [n_windows, seq_len] array, got shape {tuple(ids.shape)}")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"{path}: token ids outside the tokenizer's vocabulary (0..{vocab_size - 1})")
-    return ids
-
-
-def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
-    if config.calib_tokens is not None:
-        return load_calibration_tokens(config.calib_tokens, len(tokenizer))
-    text = load_corpus(config.calib_data, split="train")
-    # Twice the tokens needed, so the seeded window draw still has a choice to make.
-    ids = sample_text_ids(tokenizer, text, 2 * config.n_calib * config.seq_len, config.seed)
-    return calibration_windows(ids, config.n_calib, config.seq_len, config.seed, bos_to_prepend(tokenizer))
-
-
-def run_record(source: str, model: nn.Module, config: QuantizeConfig, result: QuantizeResult) -> dict:
+def run_record(source: str, dtype: str, config: QuantizeConfig, layers: dict[str, Any]) -> dict:
     """What goes into awqkit.json: deterministic, so equal runs give equal files."""
-    import platform
-
     import transformers
 
     from awqkit import __version__
@@ -371,14 +163,10 @@ def run_record(source: str, model: nn.Module, config: QuantizeConfig, result: Qu
     return {
         "awqkit_version": __version__,
         "source_model": source,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "config": asdict(config),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "layers": {name: asdict(rec) for name, rec in result.layers.items()},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "layers": {name: asdict(rec) if isinstance(rec, LayerRecord) else rec for name, rec in layers.items()},
     }
 
 
@@ -388,47 +176,150 @@ def quantize(
     config: QuantizeConfig = QuantizeConfig(),
     *,
     dtype: str = "auto",
+    device: str = "auto",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = True,
 ) -> QuantizeResult:
-    """Load a causal LM, quantize it and write a folder that plain transformers loads."""
-    from awqkit.checkpoint import DTYPES, check_output_dir, load_model, load_tokenizer, save_quantized
+    """Quantize a safetensors causal LM block by block, streamed from its shards, into ``out_dir``.
+
+    Only one block is in memory at a time; each is written to the output shards when done. The
+    output is built in a hidden sibling folder that the same command, run again after a kill,
+    continues from; it is renamed to ``out_dir`` when complete.
+    """
+    from awqkit.checkpoint import DTYPES, check_output_dir, float_linears, load_tokenizer, publish, write_model_files
+    from awqkit.formats import block_tensors
+    from awqkit.resume import clear_progress, fingerprint, load_hidden, open_partial, partial_folder, save_progress, unmark
+    from awqkit.source import StreamedModel, resolve_model_folder
+    from awqkit.writer import ShardWriter
 
     config.validate()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    check_output_dir(out_dir, overwrite)
-    timings: dict[str, float] = defaultdict(float)
-    # Text problems surface before the (slow) model load.
+    max_shard_bytes = parse_size(max_shard_size)
+    compute_device = resolve_device(device)
+    out = check_output_dir(out_dir, overwrite)
+    folder = resolve_model_folder(model_name_or_path)
+    check_output_dir(out_dir, overwrite, inputs=(folder,))
+    timings: dict[str, float] = {}
+    # Text problems surface before the model is opened.
     with timed(timings, "calibration data"):
-        tokenizer = load_tokenizer(model_name_or_path)
+        tokenizer = load_tokenizer(str(folder))
         windows = calibration_data(tokenizer, config)
         config = replace(config, n_calib=windows.shape[0], seq_len=windows.shape[1])
-    with timed(timings, "load"):
-        model, _ = load_model(model_name_or_path, dtype, tokenizer)
-    if config.format != "fake":
-        from awqkit.formats import check_packable
-
-        layout = find_decoder(model)
-        check_packable(config.format, {n: m for block in layout.blocks for n, m in block_linears(block).items()}, config.group_size)
+    source = StreamedModel(folder, None if dtype == "auto" else DTYPES[dtype])
+    _check_fits(source, config)
+    architecture = architecture_of(source.model) if config.scales == "shared" else None
+    layout = source.layout
     log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_tokens or config.calib_data)
-    result = quantize_model(model, windows, config, progress=progress)
+
+    partial = partial_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = open_partial(partial, fingerprint({
+        "awqkit": _versions(), "config": asdict(config), "dtype": dtype, "device": str(compute_device),
+        "source": source.files.identity(), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "max_shard_bytes": max_shard_bytes,
+    }))  # fmt: skip
+    writer = ShardWriter(partial, "model", max_shard_bytes, run.writers.get("model"))
+    scales_writer = ShardWriter(partial, "awq_scales", state=run.writers.get("scales"))
+    with timed(timings, "calibration"):
+        source.materialize_decoder()
+        inputs = capture_block_inputs(layout, windows, config.batch_size, getattr(torch, config.compute_dtype))
+        source.release_decoder()
+    if run.next_block == 0:
+        with timed(timings, "save"):
+            writer.add(source.read(source.non_block_names()))
+    else:
+        inputs.hidden = load_hidden(partial, run.next_block)
+
+    def write_block(visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
+        prefix = source.block_prefix(visit.index)
+        with timed(timings, "save"):
+            quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
+            writer.add(block_tensors(prefix, visit.stored_state(), quantized, config.format))
+            scales_writer.add({prefix + name: linear.scales for name, linear in linears.items()})
+            run.layers.update({prefix + name: asdict(linear.record) for name, linear in linears.items()})
+            run.blocks.append(measured)
+            run.stored_dtype = run.stored_dtype or _dtype_name(visit.stored_dtypes[f"{next(iter(linears))}.weight"])
+            run.next_block = visit.index + 1
+            run.writers = {"model": writer.state(), "scales": scales_writer.state()}
+            save_progress(partial, run, visit.outputs)
+            writer.saved(), scales_writer.saved()
+
+    quantize_blocks(
+        layout, inputs, config, write_block, architecture=architecture, device=compute_device,
+        block_state=source.block_state, start=run.next_block, timings=timings, progress=progress,
+    )  # fmt: skip
     with timed(timings, "save"):
-        save_quantized(
-            model,
-            tokenizer,
-            out_dir,
-            run_record(model_name_or_path, model, config, result),
-            result.scales,
-            overwrite,
-            format=config.format,
-            quantized=result.quantized,
-        )
-    result.timings = {**timings, **result.timings}
+        clear_progress(partial)
+        writer.finish()
+        scales_writer.finish()
+        record = run_record(model_name_or_path, run.stored_dtype or "", config, run.layers)
+        generation = _generation_config(folder)
+        write_model_files(partial, source.config, generation, tokenizer, record, None, config.format, float_linears(source.model))
+    result = QuantizeResult({name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks)
     result.peak_rss_gib = peak_rss_gib()
+    _write_measurements(partial, result, compute_device)
+    unmark(partial)
+    publish(partial, out, overwrite)
     log.info(
         "done: %s; peak RSS %.2f GiB",
-        ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in result.timings.items()),
+        ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()),
         result.peak_rss_gib,
     )
     return result
+
+
+def _check_fits(source: Any, config: QuantizeConfig) -> None:
+    from awqkit.architectures import block_linears
+    from awqkit.formats import check_packable
+
+    max_positions = getattr(source.config, "max_position_embeddings", None)
+    if max_positions is not None and config.seq_len > max_positions:
+        raise ValueError(f"seq-len {config.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+    if config.format != "fake":
+        linears = {n: m for block in source.layout.blocks for n, m in block_linears(block).items()}
+        check_packable(config.format, linears, config.group_size)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from awqkit import __version__
+
+    return {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _generation_config(folder: Path) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+
+
+MEASUREMENTS = "awqkit-run.json"
+
+
+def _write_measurements(folder: Path, result: QuantizeResult, device: torch.device) -> None:
+    """Timings and memory of this run: the one output file that differs between equal runs."""
+    measurements = {
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "stages_s": {stage: round(seconds, 3) for stage, seconds in result.timings.items()},
+        "peak_rss_gib": round(result.peak_rss_gib, 3),
+        "blocks": result.blocks,
+    }
+    (folder / MEASUREMENTS).write_text(json.dumps(measurements, indent=1) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -8,6 +8,7 @@ exactly, since the bias cancels, and one product per alpha avoids subtracting tw
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -18,8 +19,18 @@ from awqkit.rounding import RoundingFactory
 
 
 def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = salience^alpha, clamped so a dead channel gets 1e-5 rather than 0 (no additive bias)."""
-    return salience.pow(alpha).clamp(min=1e-5)
+    """s = salience^alpha, clamped so a dead channel gets 1e-5 rather than 0 (no additive bias),
+    then divided by sqrt(max(s) min(s)) so it straddles 1.
+
+    Min-max group quantization is scale-equivariant, so the division changes nothing in exact
+    arithmetic; it keeps folded fp16 weights and fp16 AWQ scales away from underflow and overflow.
+    """
+    s = salience.pow(alpha).clamp(min=1e-5)
+    return s / (s.max() * s.min()).sqrt()
+
+
+class NonFiniteError(ValueError):
+    """A weight, a statistic or an error that is NaN or infinite: never silently searched past."""
 
 
 def output_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
@@ -73,12 +84,18 @@ def search_alpha(
     ``alphas=[0.0]`` gives s = 1: plain round-to-nearest (or greedy) with no scaling.
     """
     rounding = rounding or (lambda scales: round_nearest)
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError("the weight holds NaN or infinite values")
+    if not bool(torch.isfinite(salience).all()):
+        raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
     best: SearchResult | None = None
     errors: list[float] = []
     for alpha in alphas:
         scales = awq_scales(salience, alpha).to(w.dtype)
         quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales))
         error = error_of(dequantize_groupwise(quantized).div_(scales))
+        if not math.isfinite(error):
+            raise NonFiniteError(f"the output error at alpha {alpha:g} is {error}")
         errors.append(error)
         if best is None or error < best.error:
             best = SearchResult(alpha, scales, quantized, error, errors)

@@ -1,7 +1,7 @@
 """How a quantized model is stored: packed formats that transformers and vLLM load.
 
-The fake-quant format (float weights) is ``checkpoint.save_quantized``; the packed formats here
-replace each quantized linear's weight by its format's tensors and add quantization_config.
+The fake-quant format keeps float weights; the packed formats replace each quantized linear's
+weight by its format's tensors and add quantization_config to config.json.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from awqkit.formats.awq_gemm import awq_gemm_tensors, awq_quantization_config
@@ -39,47 +38,33 @@ def check_packable(format: str, linears: dict[str, nn.Linear], group_size: int) 
             raise ValueError(f"format awq packs 8 output columns per int32; output sizes {odd} are not multiples of 8")
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors with tied duplicates (lm_head = embeddings) dropped, as save_pretrained does."""
-    seen: set[int] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.contiguous()
-    return state
+def block_tensors(
+    prefix: str, state: dict[str, torch.Tensor], quantized: dict[str, GroupQuantized], format: str
+) -> dict[str, torch.Tensor]:
+    """A block's tensors as ``format`` stores them, named ``prefix`` + name, sorted by name.
+
+    fake keeps every float weight; a packed format replaces each quantized linear's weight by its
+    own tensors, their scales in the dtype that weight was stored in.
+    """
+    if format not in ("fake", *PACKED_FORMATS):
+        raise ValueError(f"unknown format {format!r}; choose one of fake, {', '.join(PACKED_FORMATS)}")
+    tensors = dict(state)
+    if format != "fake":
+        for name, q in quantized.items():
+            dtype = tensors.pop(f"{name}.weight").dtype
+            packed = awq_gemm_tensors(q) if format == "awq" else pack_quantized_tensors(q, dtype)
+            tensors.update({f"{name}.{key}": value for key, value in packed.items()})
+    return {prefix + name: tensors[name].contiguous() for name in sorted(tensors)}
 
 
-def packed_state_dict(model: nn.Module, quantized: dict[str, GroupQuantized], format: str) -> dict[str, torch.Tensor]:
-    state = _unique_state(model)
-    for name, q in quantized.items():
-        del state[f"{name}.weight"]
-        if format == "awq":
-            tensors = awq_gemm_tensors(q)
-        else:
-            tensors = pack_quantized_tensors(q, model.dtype)
-        state.update({f"{name}.{key}": value.contiguous() for key, value in tensors.items()})
-    return state
-
-
-def write_packed(folder: Path, model: nn.Module, quantized: dict[str, GroupQuantized], format: str) -> None:
-    """Weights and config.json of a packed checkpoint, into an existing (temporary) folder."""
-    if format not in PACKED_FORMATS:
-        raise ValueError(f"unknown packed format {format!r}; choose one of {', '.join(PACKED_FORMATS)}")
-    first = next(iter(quantized.values()))
-    save_file(packed_state_dict(model, quantized, format), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(folder)
-    if model.can_generate() and model.generation_config is not None:
-        model.generation_config.save_pretrained(folder)
+def write_quantization_config(folder: Path, format: str, bits: int, group_size: int, ignore: list[str]) -> None:
+    """Add ``format``'s quantization_config to the config.json already in ``folder``."""
     if format == "awq":
         config_path = folder / "config.json"
         config: dict[str, Any] = json.loads(config_path.read_text())
-        config["quantization_config"] = awq_quantization_config(first.bits, first.group_size)
+        config["quantization_config"] = awq_quantization_config(bits, group_size)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    elif format == "compressed-tensors":
+        write_pack_quantized_config(str(folder), bits, group_size, ignore)
     else:
-        quantized_names = set(quantized)
-        ignore = sorted(
-            name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in quantized_names
-        )
-        write_pack_quantized_config(str(folder), first.bits, first.group_size, ignore)
+        raise ValueError(f"unknown packed format {format!r}; choose one of {', '.join(PACKED_FORMATS)}")

@@ -1,0 +1,159 @@
+"""How one decoder block's linears get their scales and integers: one path for both scale modes.
+
+A scale group is the set of linears that read one tensor. With shared scales the groups come from
+the architecture table and 1/s folds into the op producing that tensor, so the stored weight is
+Q(W*s) on the integer grid; with per-linear scales every linear is a group of one that folds
+nowhere and the stored weight is Q(W*s)/s. Search, rounding and bookkeeping are the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from awqkit.architectures import ScaleGroup, block_linears, foldable
+from awqkit.calibration import BlockArgs, BlockVisit, LinearStats
+from awqkit.config import QuantizeConfig
+from awqkit.folding import fold_scales
+from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
+from awqkit.rounding import RoundingFactory, make_rounding
+from awqkit.runtime import timed
+from awqkit.search import ErrorFn, NonFiniteError, SearchResult, alpha_grid, linear_output_error, search_alpha
+
+
+@dataclass
+class LayerRecord:
+    alpha: float
+    error: float
+    flips: int | None = None
+
+
+@dataclass
+class QuantizedLinear:
+    record: LayerRecord
+    scales: torch.Tensor  # the s applied, float32 on the CPU
+    # Integers, scales and zeros of the stored weight when it lies on the grid (shared scales).
+    quantized: GroupQuantized | None
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def module_output_error(module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs) -> ErrorFn:
+    """The MSE of ``module``'s output when the named weights (stacked by rows) are replaced."""
+    from torch.func import functional_call
+
+    args, kwargs = inputs
+    with torch.no_grad():
+        reference = _first(module(*args, **kwargs)).float()
+    dtype = next(module.parameters()).dtype  # the module runs in the compute dtype; W_hat is float32
+
+    def error_of(w_hat: torch.Tensor) -> float:
+        params = dict(zip(weight_names, w_hat.to(dtype).split(sizes)))
+        with torch.no_grad():
+            return (_first(functional_call(module, params, args, kwargs)).float() - reference).pow(2).mean().item()
+
+    return error_of
+
+
+def _group_error(visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig) -> ErrorFn:
+    if config.objective == "module" and group.module is not None:
+        module = visit.forward.get_submodule(group.module)
+        names = [f"{name.removeprefix(group.module + '.')}.weight" for name in group.balance]
+        return module_output_error(module, names, sizes, visit.module_inputs[group.module])
+    return linear_output_error(visit.stats[group.balance[0]].search_tokens(), w)
+
+
+def _rounding(config: QuantizeConfig, stats: LinearStats, timings: dict[str, float]) -> RoundingFactory:
+    rounding = make_rounding(config.rounding, stats.mean(), config.outlier_percent)
+
+    def timed_rounding(scales: torch.Tensor):
+        strategy = rounding(scales)
+
+        def apply(*args):
+            with timed(timings, config.rounding):
+                return strategy(*args)
+
+        return apply
+
+    return timed_rounding
+
+
+def _flips(w: torch.Tensor, result: SearchResult, config: QuantizeConfig) -> torch.Tensor | None:
+    """Which integers the rounding moved off nearest (None for nearest rounding)."""
+    if config.rounding == "nearest":
+        return None
+    nearest = quantize_groupwise(w * result.scales, config.bits, config.group_size)
+    return nearest.q != result.quantized.q
+
+
+def _check_groups(visit: BlockVisit, groups: tuple[ScaleGroup, ...]) -> None:
+    covered = [name for group in groups for name in group.balance]
+    linears = sorted(block_linears(visit.block))
+    if sorted(covered) != linears:
+        raise RuntimeError(f"scale groups cover {sorted(covered)}, but the block's linears are {linears}")
+    for group in groups:
+        if any(visit.stats[name] is not visit.stats[group.balance[0]] for name in group.balance):
+            raise RuntimeError(f"{', '.join(group.balance)} do not read one input tensor; the scale group table is wrong")
+
+
+def quantize_block(
+    visit: BlockVisit,
+    groups: tuple[ScaleGroup, ...],
+    config: QuantizeConfig,
+    *,
+    norm_offset: float = 0.0,
+    timings: dict[str, float] | None = None,
+    progress: bool = False,
+) -> dict[str, QuantizedLinear]:
+    """Search every scale group of ``visit.block``, fold where it folds, and set the stored weights.
+
+    Groups go last to first: a fold into a linear's rows (up_proj <- down_proj's s) must happen
+    before that linear is itself quantized. The block stays a float model with the same function
+    until every group is searched, so each search sees the others unquantized, as in AWQ. With
+    shared scales a group that cannot fold keeps s = 1, so its weight too is on the grid.
+    """
+    _check_groups(visit, groups)
+    timings = {} if timings is None else timings
+    on_grid = config.scales == "shared"
+    done: dict[str, tuple[QuantizedLinear, torch.Tensor]] = {}
+    for group in tqdm(list(reversed(groups)), desc=f"block {visit.index}", leave=False, disable=not progress):
+        linears = [visit.block.get_submodule(name) for name in group.balance]
+        stats = visit.stats[group.balance[0]]
+        w = torch.cat([linear.weight.data for linear in linears])
+        sizes = [linear.out_features for linear in linears]
+        folds = foldable(group, visit.block)
+        try:
+            result = search_alpha(
+                w,
+                stats.mean_square(),
+                _group_error(visit, group, w, sizes, config),
+                bits=config.bits,
+                group_size=config.group_size,
+                alphas=alpha_grid(config.n_grid) if folds or not on_grid else [0.0],
+                rounding=_rounding(config, stats, timings),
+            )
+        except NonFiniteError as error:
+            raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
+        if folds:
+            fold_scales(visit.block, group, result.scales, norm_offset)
+            visit.sync_forward()
+        # Folded, the stored weight is Q(W*s) itself; otherwise Q(W*s)/s (s = 1 on the grid).
+        stored = dequantize_groupwise(result.quantized) if folds else result.dequantized()
+        flipped = _flips(w, result, config)
+        q = result.quantized
+        parts = zip(group.balance, stored.split(sizes), q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes))
+        for i, (name, weight, q_part, scale, zero) in enumerate(parts):
+            flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
+            # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
+            grid = GroupQuantized(q_part.to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), q.bits, q.group_size)
+            record = LayerRecord(result.alpha, result.error, flips)
+            done[name] = (QuantizedLinear(record, result.scales.float().cpu(), grid if on_grid else None), weight)
+    for name, (_, weight) in done.items():
+        visit.block.get_submodule(name).weight.data.copy_(weight)
+    return {name: done[name][0] for name in block_linears(visit.block)}
