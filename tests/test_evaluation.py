@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import awqkit.checkpoint
 from awqkit.cli import main
 from awqkit.corpora import load_corpus
 from awqkit.evaluation import (
@@ -161,26 +160,6 @@ def test_samples_mode_weights_windows_by_tokens(tmp_path, tiny_dirs):
     tokens, nll = np.array(data["tokens_per_window"]), np.array(data["results"][0]["window_nll"])
     assert data["windows"] == 6 and tokens.max() <= 47 and len(set(tokens)) > 1
     assert data["results"][0]["ppl"] == pytest.approx(math.exp((nll * tokens).sum() / tokens.sum()))
-
-
-def test_a_crashed_run_resumes_from_the_cache(tmp_path, tiny_dirs, monkeypatch):
-    base, _ = tiny_dirs
-    _, full = _eval(tmp_path, base, *SMALL)
-    [cache] = (tmp_path / "cache").glob("*.npz")
-    with np.load(cache) as cached:
-        partial = cached["nll"].copy()
-    partial[2:] = np.nan  # as if the run died after two windows
-    np.savez(cache, nll=partial, dtype=np.array("float32"))
-    _, resumed = _eval(tmp_path, base, *SMALL)
-    # The last two windows ran again, in a smaller batch: equal up to float rounding.
-    nll = [report["datasets"]["fortunes"]["results"][0]["window_nll"] for report in (full, resumed)]
-    assert nll[1][:2] == nll[0][:2] and nll[1] == pytest.approx(nll[0], rel=1e-6)
-    with np.load(cache) as cached:
-        assert not np.isnan(cached["nll"]).any()
-    # Complete now: the model need not be loaded at all.
-    monkeypatch.setattr(awqkit.checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    _, cached_only = _eval(tmp_path, base, *SMALL)
-    assert cached_only["datasets"] == resumed["datasets"]
 
 
 @pytest.mark.parametrize(

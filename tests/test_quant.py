@@ -3,11 +3,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awqkit.quant import dequantize_groupwise, expand_groups, quantize_groupwise
+from awqkit.quant import GroupQuantized, dequantize_groupwise, expand_groups, quantize_groupwise
 
 
 def _weights(seed: int, out: int, inp: int, shift: float = 0.0) -> torch.Tensor:
     return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def _step_errors(w: torch.Tensor, qw: GroupQuantized) -> torch.Tensor:
+    """|w - dequantized w| in units of each value's group step."""
+    scale = expand_groups(qw.scale, qw.group_size, w.shape[1])
+    return (w - dequantize_groupwise(qw)).abs() / scale
+
+
+# Float32 rounding in w / scale + zero and (q - zero) * scale, relative to one step.
+HALF_STEP = 0.5 + 1e-4
 
 
 @settings(max_examples=60, deadline=None)
@@ -29,9 +39,23 @@ def test_dequantized_values_lie_on_each_groups_grid(seed, out, inp, group_size, 
     scale = expand_groups(qw.scale, group_size, inp)
     zero = expand_groups(qw.zero, group_size, inp)
     assert torch.allclose(w_hat / scale + zero, qw.q, atol=1e-4)
-    # Min-max scaling: error at most half a step, plus what clamping the zero point costs.
-    step_error = (w - w_hat).abs() / scale
-    assert step_error.max() <= 0.5 + 1e-4 or bool((qw.zero == 0).any() | (qw.zero == max_int).any())
+    assert _step_errors(w, qw).max() <= HALF_STEP
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    out=st.integers(1, 6),
+    inp=st.integers(1, 40),
+    group_size=st.integers(1, 48),
+    bits=st.integers(2, 8),
+    shift=st.sampled_from([-50.0, -4.0, 4.0, 50.0]),
+)
+def test_single_sign_groups_come_back_within_half_a_step(seed, out, inp, group_size, bits, shift):
+    # Shifted by several standard deviations nearly every group is all-positive or all-negative.
+    w = _weights(seed, out, inp, shift)
+    qw = quantize_groupwise(w, bits, group_size)
+    assert _step_errors(w, qw).max() <= HALF_STEP
 
 
 def test_ragged_last_group_has_its_own_scale_and_zero():
@@ -47,23 +71,81 @@ def test_ragged_last_group_has_its_own_scale_and_zero():
     assert torch.equal(qw.q[:, :8], ref.q)
 
 
-def test_constant_group_is_exact():
+def test_single_sign_group_keeps_its_values():
+    # The old zero point, round(-1.0 / step) = -15, clamped to 0, returned [1, 1, 1, 1].
+    w = torch.tensor([[1.0, 1.5, 2.0, 1.2]])
+    qw = quantize_groupwise(w, 4, 4)
+    assert qw.zero.item() == 0 and qw.scale.item() == pytest.approx(2.0 / 15)
+    # 1.0 is 7.5 steps above 0: a tie, rounded to even, so exactly half a step off.
+    assert qw.q.tolist() == [[7.0, 11.0, 15.0, 9.0]]
+    assert _step_errors(w, qw).max() <= HALF_STEP
+
+
+def test_constant_group_comes_back():
     w = torch.full((3, 8), 0.75)
-    w_hat = dequantize_groupwise(quantize_groupwise(w, 4, 8))
-    # scale falls back to 1e-8: the constant must come back within that tolerance, not blow up.
-    assert torch.isfinite(w_hat).all()
-    assert torch.allclose(w_hat, torch.zeros_like(w), atol=1e-6) or torch.allclose(w_hat, w, atol=1e-5)
+    qw = quantize_groupwise(w, 4, 8)
+    assert torch.allclose(dequantize_groupwise(qw), w, atol=1e-6)
+    assert _step_errors(w, qw).max() <= HALF_STEP
 
 
-def test_all_negative_group_clamps_zero_and_keeps_order():
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_ragged_last_group_of_one_sign_comes_back(width):
+    # A 5-wide row at group 4 ends in a group of width 1; wider tails likewise, all positive.
+    w = torch.cat([torch.tensor([[-1.0, 0.3, 0.9, -0.2]]), torch.tensor([[0.7, 0.8, 0.75][:width]])], dim=1)
+    qw = quantize_groupwise(w, 4, 4)
+    assert qw.scale.shape == (1, 2)
+    assert _step_errors(w, qw).max() <= HALF_STEP
+    assert (dequantize_groupwise(qw)[0, 4:] - w[0, 4:]).abs().max() <= 0.8 / 15 / 2 + 1e-6
+
+
+def test_group_size_one_is_exact_up_to_half_a_step():
+    w = _weights(0, 8, 16, shift=1.0)
+    qw = quantize_groupwise(w, 4, 1)
+    # Each value is its own group's end of range: it lands on 0 or max_int, so comes back exactly.
+    assert torch.allclose(dequantize_groupwise(qw), w, rtol=1e-6, atol=0)
+    assert _step_errors(w, qw).max() <= HALF_STEP
+
+
+def test_zero_is_representable_in_every_group():
+    w = _weights(1, 4, 24, shift=3.0)
+    w[:, ::5] = 0.0
+    assert (dequantize_groupwise(quantize_groupwise(w, 3, 8))[:, ::5] == 0).all()
+
+
+def _old_qparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula before 0 was kept in range, written out for one evenly divided matrix."""
+    max_int = 2**bits - 1
+    grouped = w.view(w.shape[0], -1, group_size)
+    w_min, w_max = grouped.amin(dim=2), grouped.amax(dim=2)
+    scale = ((w_max - w_min) / max_int).clamp(min=1e-8)
+    zero = torch.round(-w_min / scale).clamp(0, max_int)
+    return scale, zero
+
+
+@pytest.mark.parametrize("bits, group_size", [(2, 4), (4, 16), (8, 32)])
+def test_mixed_sign_groups_are_unchanged_bit_for_bit(bits, group_size):
+    w = _weights(2, 16, 64)
+    grouped = w.view(16, -1, group_size)
+    # Every group gets a negative and a positive value, the rest stays random.
+    grouped[..., 0] = -grouped[..., 0].abs() - 0.01
+    grouped[..., 1] = grouped[..., 1].abs() + 0.01
+    scale, zero = _old_qparams(w, bits, group_size)
+    qw = quantize_groupwise(w, bits, group_size)
+    assert torch.equal(qw.scale, scale) and torch.equal(qw.zero, zero)
+    expected_q = (grouped / scale[..., None] + zero[..., None]).round().clamp(0, 2**bits - 1).view_as(w)
+    assert torch.equal(qw.q, expected_q)
+
+
+def test_all_negative_group_keeps_order():
     w = -torch.rand(2, 16) - 1.0
     qw = quantize_groupwise(w, 3, 16)
     w_hat = dequantize_groupwise(qw)
-    assert (qw.zero <= 7).all() and (qw.zero >= 0).all()
+    # All values below 0: the zero point sits at the top of the integer range.
+    assert (qw.zero == 7).all()
     # Monotone: a larger weight never gets a smaller integer within a group.
     order = w.argsort(dim=1)
     assert (qw.q.gather(1, order).diff(dim=1) >= 0).all()
-    assert (w_hat <= 0).all()
+    assert (w_hat <= 0).all() and _step_errors(w, qw).max() <= HALF_STEP
 
 
 @pytest.mark.parametrize("bits, group_size", [(1, 8), (9, 8), (4, 0)])

@@ -118,7 +118,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from awqkit.compare import EvalConfig, evaluate, format_table, plot_report
+    from awqkit.report import check_output_file
 
+    for output in filter(None, (args.json, args.plot)):
+        check_output_file(output)
     config = _config_from_args(
         EvalConfig,
         args,
@@ -151,7 +154,10 @@ def _run_diff(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from awqkit.diff import diff_checkpoints, format_diff
+    from awqkit.report import check_output_file
 
+    if args.json:
+        check_output_file(args.json)
     diff = diff_checkpoints(args.a, args.b)
     print(format_diff(diff))
     if args.json:
@@ -200,10 +206,18 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+    # Bad input, file system trouble (OSError covers missing, existing, not-a-folder and
+    # permission errors; ValueError covers malformed JSON) and a package a checkpoint's format
+    # needs but is not installed (ImportError) end as one line; anything else is a bug and keeps
+    # its traceback.
+    from safetensors import SafetensorError
+
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"awqkit: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError, ImportError) as error:
+        # Some messages (transformers' among them) span lines; the contract is one line.
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"awqkit: error: {message or type(error).__name__}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,8 @@ Windows come from the first model's tokenizer; a model whose tokenizer disagrees
 since comparing NLLs over different tokens means nothing. One model is in memory at a time.
 Per-window NLLs go to a cache file after every batch, keyed by the model folder's weights, the
 dtype asked for and the windows, so a crashed run resumes where it stopped and a model already
-scored on these windows is not loaded again.
+scored on these windows is not loaded again. A cache file is trusted only when it passes every
+check on load; any other file is treated as no cache and overwritten.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -40,6 +42,9 @@ from awqkit.shipped import cache_dir
 log = logging.getLogger("awqkit")
 
 TOKENIZER_PROBE_CHARS = 20_000
+# Version of the cache file's layout; a file of any other version is scored again.
+CACHE_FORMAT = 2
+MAX_NAMED_TENSORS = 5
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +80,9 @@ class EvalConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"max-windows must be >= 1, got {self.max_windows}")
+        # Found now, not when the first batch's NLLs are saved.
+        if self.cache_dir is not None and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise NotADirectoryError(f"cache folder is a file: {self.cache_dir}")
 
 
 def build_windows(tokenizer: Any, text: str, config: EvalConfig) -> Windows:
@@ -127,22 +135,148 @@ def _cache_path(root: Path, digest: str, dtype: str, dataset: str, windows: Wind
     return root / f"{digest[:16]}-{dtype}-{slug}-{windows.digest()[:16]}.npz"
 
 
-def _load_cache(path: Path | None, n: int) -> tuple[np.ndarray, str | None]:
-    """Per-window NLLs cached so far (NaN where not yet scored) and the dtype they were scored in."""
-    if path is not None and path.is_file():
-        with np.load(path) as cached:
-            if cached["nll"].shape == (n,):
-                return cached["nll"].copy(), str(cached["dtype"])
-    return np.full(n, np.nan), None
+def library_versions() -> dict[str, str]:
+    """The versions that decide what a model's NLLs come out as; a cache scored by others is stale."""
+    import transformers
+
+    import awqkit
+
+    return {"awqkit": awqkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _save_cache(path: Path, nll: np.ndarray, dtype: str) -> None:
-    # Write then rename: a crash mid-write leaves the previous cache, never a truncated one.
+@dataclass
+class CachedNLL:
+    """Per-window NLLs of one model on one dataset, filled in as windows are scored.
+
+    ``scored`` marks the windows done; their NLLs are finite and non-negative, the others 0.
+    ``dtype`` is the dtype the scored windows ran in, None before the first.
+    """
+
+    nll: np.ndarray
+    scored: np.ndarray
+    dtype: str | None
+
+    @classmethod
+    def empty(cls, n: int) -> CachedNLL:
+        return cls(np.zeros(n), np.zeros(n, dtype=bool), None)
+
+    @property
+    def complete(self) -> bool:
+        return self.dtype is not None and bool(self.scored.all())
+
+
+def _read_cache(path: Path, n: int) -> CachedNLL:
+    """A cache file's contents for ``n`` windows; ValueError saying why when they cannot be trusted."""
+    try:
+        loaded = np.load(path)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with loaded:
+            fields = {key: loaded[key] for key in loaded.files}
+    # What numpy and zipfile raise on zero-byte, junk and truncated files.
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"unreadable: {error}") from None
+    missing = {"format", "versions", "dtype", "nll", "scored"} - fields.keys()
+    if missing:
+        raise ValueError(f"lacks {', '.join(sorted(missing))}")
+    if fields["format"].shape != () or fields["format"].item() != CACHE_FORMAT:
+        raise ValueError(f"format {fields['format']!r}, not {CACHE_FORMAT}")
+    if fields["versions"].dtype.kind != "U" or json.loads(fields["versions"].item()) != library_versions():
+        raise ValueError(f"scored by other library versions ({fields['versions']})")
+    nll, scored, dtype = fields["nll"], fields["scored"], fields["dtype"]
+    if nll.shape != (n,) or nll.dtype != np.float64 or scored.shape != (n,) or scored.dtype != bool:
+        raise ValueError(f"nll {nll.dtype} {nll.shape} and scored {scored.dtype} {scored.shape}, not for {n} windows")
+    if not (np.isfinite(nll).all() and (nll >= 0).all()):
+        raise ValueError("NLLs that are negative, NaN or infinite")
+    if dtype.dtype.kind != "U" or dtype.shape != () or not isinstance(getattr(torch, dtype.item(), None), torch.dtype):
+        raise ValueError(f"no torch dtype: {dtype!r}")
+    return CachedNLL(nll, scored, dtype.item())
+
+
+def _load_cache(path: Path | None, n: int) -> CachedNLL:
+    """What the cache file holds for ``n`` windows; an empty cache when there is no valid file."""
+    if path is None or not path.exists():
+        return CachedNLL.empty(n)
+    try:
+        return _read_cache(path, n)
+    except ValueError as error:
+        log.warning("eval cache %s ignored and rewritten: %s", path, error)
+        return CachedNLL.empty(n)
+
+
+def _save_cache(path: Path, cache: CachedNLL) -> None:
+    # Write, fsync, rename: a crash or power loss mid-write leaves the previous cache, never a
+    # truncated one. The folder is synced too, so the rename itself is on disk.
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, nll=nll, dtype=np.array(dtype))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                format=np.array(CACHE_FORMAT),
+                versions=np.array(json.dumps(library_versions())),
+                dtype=np.array(cache.dtype),
+                nll=cache.nll,
+                scored=cache.scored,
+            )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _named(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - MAX_NAMED_TENSORS} more" if len(keys) > MAX_NAMED_TENSORS else ""
+    return ", ".join(keys[:MAX_NAMED_TENSORS]) + more
+
+
+def load_scoring_model(model_name: str, dtype: str) -> Any:
+    """The model in ``dtype``, refused when its checkpoint lacks a tensor or has one in the wrong shape.
+
+    transformers fills such tensors with random values and only warns: scored, that would be the
+    perplexity of a model nobody saved.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from awqkit.checkpoint import DTYPES, _one_line
+
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            model_name, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except OSError as error:
+        raise _one_line(model_name, error) from None
+    if loading["missing_keys"]:
+        raise ValueError(f"{model_name} lacks tensors the model needs: {_named(loading['missing_keys'])}")
+    if loading["mismatched_keys"]:
+        names = (f"{key} {list(saved)} (model {list(expected)})" for key, saved, expected in loading["mismatched_keys"])
+        raise ValueError(f"{model_name} has tensors of the wrong shape: {_named(names)}")
+    if loading["unexpected_keys"]:
+        log.warning("%s: tensors the model does not use, ignored: %s", model_name, _named(loading["unexpected_keys"]))
+    return model.eval()
+
+
+def check_seq_len(model_name: str, seq_len: int) -> None:
+    """Refuse windows longer than the model's position embeddings reach: their NLLs mean nothing."""
+    from transformers import AutoConfig
+
+    from awqkit.checkpoint import _one_line
+
+    try:
+        config = AutoConfig.from_pretrained(model_name).get_text_config()
+    except OSError as error:
+        raise _one_line(model_name, error) from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq-len {seq_len} is beyond {model_name}'s max_position_embeddings {limit}")
 
 
 @dataclass
@@ -157,34 +291,42 @@ class Scored:
 def _score_windows(
     model: Any,
     windows: Windows,
-    nll: np.ndarray,
-    cache: Path | None,
-    dtype: str,
+    cache: CachedNLL,
+    path: Path | None,
     batch_size: int,
+    names: tuple[str, str],
     desc: str,
     progress: bool,
 ) -> np.ndarray:
-    """Fill the NaN entries of ``nll``, a batch at a time, saving the cache after each batch."""
+    """Score the windows ``cache`` lacks, a batch at a time, saving it after each batch.
+
+    ``names`` are the model's and the dataset's, for the error a non-finite NLL raises: a NaN or
+    inf would make the perplexity and every interval meaningless.
+    """
     # Longest first, so each batch is trimmed to similar lengths (samples mode).
     order = torch.argsort(windows.lengths, descending=True, stable=True)
-    todo = order[torch.from_numpy(np.isnan(nll[order.numpy()]))]
+    todo = order[torch.from_numpy(~cache.scored[order.numpy()])]
     bar = tqdm(total=len(windows), initial=len(windows) - len(todo), desc=desc, disable=not progress)
     for batch in todo.split(batch_size):
-        scored = window_nll(model, windows.ids[batch], batch_size, lengths=windows.lengths[batch])
-        nll[batch.numpy()] = scored.numpy()
-        if cache is not None:
-            _save_cache(cache, nll, dtype)
+        scored = window_nll(model, windows.ids[batch], batch_size, lengths=windows.lengths[batch]).numpy()
+        if not np.isfinite(scored).all():
+            window = int(batch.numpy()[~np.isfinite(scored)][0])
+            raise ValueError(
+                f"{names[0]} gives a non-finite NLL on {names[1]} (window {window}): "
+                "its weights or activations hold NaN or inf"
+            )
+        cache.nll[batch.numpy()], cache.scored[batch.numpy()] = scored, True
+        if path is not None:
+            _save_cache(path, cache)
         bar.update(len(batch))
     bar.close()
-    return nll
+    return cache.nll
 
 
 def score_model(
-    model_name: str, tokenizer: Any, windows: dict[str, Windows], config: EvalConfig, label: str, progress: bool = True
+    model_name: str, windows: dict[str, Windows], config: EvalConfig, label: str, progress: bool = True
 ) -> Scored:
     """Per-window NLLs of one model on every dataset, resuming from and saving to the cache."""
-    from awqkit.checkpoint import load_model
-
     digest = weights_digest(model_name) if config.cache_dir is not None else None
     if config.cache_dir is not None and digest is None:
         log.info("%s is not a local folder with safetensors: its NLLs are not cached", model_name)
@@ -193,21 +335,20 @@ def score_model(
         for name, w in windows.items()
     }
     cached = {name: _load_cache(paths[name], len(w)) for name, w in windows.items()}
-    dtypes = {dtype for _, dtype in cached.values()}
-    complete = all(dtype is not None and not np.isnan(nll).any() for nll, dtype in cached.values())
-    if complete and len(dtypes) == 1:
+    dtypes = {cache.dtype for cache in cached.values()}
+    if all(cache.complete for cache in cached.values()) and len(dtypes) == 1:
         log.info("%s: every window's NLL is cached", label)
-        return Scored(dtypes.pop(), saved_dtype(model_name), {name: nll for name, (nll, _) in cached.items()})
+        return Scored(dtypes.pop(), saved_dtype(model_name), {name: cache.nll for name, cache in cached.items()})
 
     log.info("%s: loading %s (dtype %s)", label, model_name, config.dtype)
-    model, _ = load_model(model_name, config.dtype, tokenizer)
+    model = load_scoring_model(model_name, config.dtype)
     dtype = str(model.dtype).removeprefix("torch.")
     scores = {}
     for name, w in windows.items():
-        nll, cached_dtype = cached[name]
-        start = nll if cached_dtype == dtype else np.full(len(w), np.nan)
+        start = cached[name] if cached[name].dtype == dtype else CachedNLL.empty(len(w))
+        start.dtype = dtype
         scores[name] = _score_windows(
-            model, w, start, paths[name], dtype, config.batch_size, f"{label} {name}", progress
+            model, w, start, paths[name], config.batch_size, (model_name, name), f"{label} {name}", progress
         )
     # Free this model before the caller loads the next one; HF modules hold reference cycles.
     del model
@@ -268,10 +409,10 @@ def evaluate(models: Sequence[str], config: EvalConfig, progress: bool = True) -
     for model, tokenizer in tokenizers.items():
         if model != models[0]:
             check_same_tokenizer(reference, tokenizer, texts.values(), (models[0], model))
+    for model in dict.fromkeys(models):
+        check_seq_len(model, config.seq_len)
     windows = {name: build_windows(reference, text, config) for name, text in texts.items()}
-    scored = [
-        score_model(model, tokenizers[model], windows, config, f"#{i + 1}", progress) for i, model in enumerate(models)
-    ]
+    scored = [score_model(model, windows, config, f"#{i + 1}", progress) for i, model in enumerate(models)]
     return summarize(models, scored, windows, config)
 
 

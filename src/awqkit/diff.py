@@ -158,14 +158,25 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
+        return [path / shard for shard in sorted(set(_index_shards(index)))]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     return files
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json maps tensors to."""
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {index}: {error}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map from tensor names to shard files")
+    return list(weight_map.values())
 
 
 def tensor_locations(files: list[Path]) -> dict[str, Path]:

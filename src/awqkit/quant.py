@@ -61,10 +61,17 @@ def _ungrouped(x: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def groupwise_qparams(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min-max scale and integer zero point per group."""
+    """Asymmetric min-max scale and integer zero point per group.
+
+    Each group's range is widened to include 0. A single-sign or constant group (a ragged last
+    group of width 1, every group at group size 1) would otherwise need a zero point outside
+    [0, max_int]; clamping it shifts the whole grid and collapses the group's values. With 0 in
+    range the zero point needs no clamping, so every value comes back within half a step, and 0
+    itself is exact. Mixed-sign groups already contain 0: their min and max are unchanged.
+    """
     max_int = 2**bits - 1
     grouped = _grouped(w, group_size)
-    w_min, w_max = grouped.amin(dim=2), grouped.amax(dim=2)
+    w_min, w_max = grouped.amin(dim=2).clamp(max=0), grouped.amax(dim=2).clamp(min=0)
     scale = ((w_max - w_min) / max_int).clamp(min=1e-8)
     zero = torch.round(-w_min / scale).clamp(0, max_int)
     return scale, zero
