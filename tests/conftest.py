@@ -56,12 +56,7 @@ def tokenizer(smollm2_dir):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
     """A randomly initialised two-layer Llama in bf16 with SmolLM2's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_model("llama", hidden_act="silu").to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +66,22 @@ def calib_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "calib.txt"
     path.write_text(load_corpus("python-doc")[:200_000])
     return path
+
+
+def save_tiny(folder: Path, tokenizer, model_type: str = "llama", dtype: torch.dtype = torch.bfloat16, **overrides) -> Path:
+    """A randomly initialised model folder in ``dtype`` with SmolLM2's tokenizer."""
+    model = tiny_model(model_type, **{"hidden_act": "silu", **overrides}).to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, sharded or not."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors

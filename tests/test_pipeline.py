@@ -153,3 +153,155 @@ def test_bfloat16_compute_keeps_float32_quantization_math_and_nearly_the_same_ch
     assert same_alpha >= 0.7 * len(fp32), (same_alpha, len(fp32))
     for n in fp32:  # the measured error of the chosen weight, in bf16 products, within a few percent
         assert bf16[n]["error"] == pytest.approx(fp32[n]["error"], rel=0.1), n
+
+
+# The streamed run (the CLI's) against the in-memory one (the Python API's): the same block walk.
+STREAM_CASES = {
+    "per-linear-fake": [],
+    "shared-awq": ["--scales", "shared", "--format", "awq"],
+    "shared-module-greedy-ct": ["--scales", "shared", "--objective", "module", "--rounding", "greedy", "--format", "compressed-tensors"],
+}  # fmt: skip
+
+
+def _in_memory_run(model_dir, calib, extra, out):
+    from awqkit.calibration import calibration_data
+    from awqkit.checkpoint import load_model, save_quantized
+    from awqkit.cli import build_parser
+    from awqkit.cli import _config_from_args
+    from awqkit.config import QuantizeConfig
+    from awqkit.pipeline import quantize_model, run_record
+
+    args = build_parser().parse_args(["quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
+    config = _config_from_args(QuantizeConfig, args)
+    model, tokenizer = load_model(str(model_dir))
+    result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
+    record = run_record(str(model_dir), str(model.dtype).removeprefix("torch."), config, result.layers)
+    save_quantized(model, tokenizer, out, record, result.scales, format=config.format, quantized=result.quantized)
+
+
+@pytest.mark.parametrize("case", STREAM_CASES)
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_streamed_run_equals_the_in_memory_run(case, model_type, tokenizer, calib_text, tmp_path):
+    from conftest import read_tensors, save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer, model_type)
+    assert _run(model_dir, tmp_path / "streamed", calib_text, *STREAM_CASES[case]) == 0
+    _in_memory_run(model_dir, calib_text, STREAM_CASES[case], tmp_path / "in-memory")
+    streamed, in_memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys()
+    assert all(streamed[k].dtype == in_memory[k].dtype and torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    scales = [load_file(tmp_path / d / "awq_scales.safetensors") for d in ("streamed", "in-memory")]
+    assert scales[0].keys() == scales[1].keys() and all(torch.equal(scales[0][k], scales[1][k]) for k in scales[0])
+    records = [json.loads((tmp_path / d / "awqkit.json").read_text()) for d in ("streamed", "in-memory")]
+    assert records[0]["layers"] == records[1]["layers"] and records[0]["dtype"] == records[1]["dtype"] == "bfloat16"
+
+
+def test_sharded_output_has_an_index_and_loads_like_the_single_file(nearest_dir, tiny_llama_dir, calib_text, tmp_path):
+    from conftest import read_tensors
+
+    out = tmp_path / "sharded"
+    assert _run(tiny_llama_dir, out, calib_text, "--max-shard-size", "100KB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == set(shards)
+    single, sharded = read_tensors(nearest_dir), read_tensors(out)
+    assert single.keys() == sharded.keys() == set(index["weight_map"])
+    assert all(torch.equal(single[k], sharded[k]) for k in single)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in single.items())
+
+
+def test_run_measurements_name_every_block(nearest_dir):
+    measured = json.loads((nearest_dir / MEASUREMENTS).read_text())
+    assert [b["block"] for b in measured["blocks"]] == [0, 1]
+    assert all(b["seconds"] > 0 and b["peak_rss_gib"] > 0 for b in measured["blocks"])
+    assert measured["device"] == "cpu" and {"calibration", "search", "save"} <= set(measured["stages_s"])
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("nonsense", "unknown device"), ("tpu", "unknown device"), ("cuda:7", "cuda"), ("mps", "mps")],
+)
+def test_unavailable_or_unknown_devices_are_one_line(device, message, tiny_llama_dir, calib_text, tmp_path, capsys):
+    from awqkit.runtime import _available
+
+    if device != "nonsense" and device != "tpu" and _available(device.split(":")[0]):
+        pytest.skip(f"{device} exists here")
+    assert _run(tiny_llama_dir, tmp_path / "out", calib_text, "--device", device) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explicit_cpu_device_gives_the_default_run(nearest_dir, tiny_llama_dir, calib_text, tmp_path):
+    assert _run(tiny_llama_dir, tmp_path / "cpu", calib_text, "--device", "cpu") == 0
+    assert _hashes(tmp_path / "cpu") == _hashes(nearest_dir)
+
+
+def test_nan_weight_stops_the_run_in_one_line_naming_the_layer(tokenizer, calib_text, tmp_path, capsys):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer)
+    state = load_file(model_dir / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert _run(model_dir, tmp_path / "out", calib_text) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "block 1" in err and "up_proj" in err and "NaN" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_seq_len_beyond_the_models_positions_is_refused(tokenizer, calib_text, tmp_path, capsys):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer, max_position_embeddings=32)
+    assert _run(model_dir, tmp_path / "out", calib_text) == 2
+    assert "max_position_embeddings (32)" in capsys.readouterr().err
+
+
+def test_bfloat16_compute_on_a_float32_model_stores_everything_else_exactly(tokenizer, calib_text, tmp_path):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer, dtype=torch.float32)
+    original = load_file(model_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for name in original:  # random norms: a bf16 round trip would change them
+        if "norm" in name:
+            original[name] = torch.rand(original[name].shape, generator=g) + 0.5
+    from safetensors.torch import save_file
+
+    save_file(original, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert _run(model_dir, out, calib_text, "--compute-dtype", "bfloat16") == 0
+    saved, scales = load_file(out / "model.safetensors"), load_file(out / "awq_scales.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    for name, tensor in original.items():
+        linear = name.removesuffix(".weight")
+        if linear in scales:  # Q(W*s)/s of the float32 W, not of a bf16-rounded one
+            s = scales[linear]
+            expected = dequantize_groupwise(quantize_groupwise(tensor * s, 4, 32)) / s
+            assert torch.equal(saved[name], expected), name
+        else:
+            assert torch.equal(saved[name], tensor), name
+
+
+def test_float16_model_with_large_activations_exports_finite_awq_scales(tokenizer, calib_text, tmp_path):
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer, dtype=torch.float16)
+    state = load_file(model_dir / "model.safetensors")
+    embed = state["model.embed_tokens.weight"].float() * 300
+    embed[:, :8] = 0  # dead channels: s = 1e-5 there, so an unnormalised 1/s folds as 1e5 (> fp16's max)
+    state["model.embed_tokens.weight"] = embed.half()
+    from safetensors.torch import save_file
+
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert _run(model_dir, out, calib_text, "--scales", "shared", "--format", "awq", "--n-grid", "10") == 0
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+    layers = json.loads((out / "awqkit.json").read_text())["layers"]
+    assert layers["model.layers.0.self_attn.q_proj"]["alpha"] > 0  # the dead channels' scales were folded

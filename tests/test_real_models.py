@@ -151,3 +151,28 @@ def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2
     nll = [window_nll(m, ids, batch_size=1).mean().item() for m in (fake, packed)]
     # The packed scales are bf16-rounded grid scales: the model barely moves.
     assert abs(nll[1] - nll[0]) < 0.01 * nll[0]
+
+
+@pytest.mark.parametrize("extra", [[], ["--scales", "shared", "--format", "awq", "--group-size", "64"]], ids=["per-linear-fake", "shared-awq"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_streamed_run_equals_the_in_memory_run_on_real_models(name, extra, request, tmp_path):
+    from conftest import read_tensors
+    from safetensors.torch import load_file
+
+    from awqkit.calibration import calibration_data
+    from awqkit.cli import _config_from_args, build_parser
+
+    folder = request.getfixturevalue(f"{name}_dir")
+    small = ["--n-calib", "4", "--seq-len", "128", "--n-grid", "2", "--max-search-tokens", "256", "--calib-data", "python-doc"]
+    argv = ["quantize", str(folder), "--out", str(tmp_path / "streamed"), *small, *extra]
+    assert main(["--quiet", *argv]) == 0
+    config = _config_from_args(QuantizeConfig, build_parser().parse_args(argv))
+    model, tokenizer = load_model(str(folder))
+    result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
+    record = run_record(str(folder), "bfloat16", config, result.layers)
+    save_quantized(model, tokenizer, tmp_path / "in-memory", record, result.scales, format=config.format, quantized=result.quantized)
+    streamed, in_memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "in-memory")
+    assert streamed.keys() == in_memory.keys()
+    assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    scales = [load_file(tmp_path / d / "awq_scales.safetensors") for d in ("streamed", "in-memory")]
+    assert all(torch.equal(scales[0][k], scales[1][k]) for k in scales[1])

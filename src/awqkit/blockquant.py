@@ -153,7 +153,7 @@ def quantize_block(
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = GroupQuantized(q_part.to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), q.bits, q.group_size)
             record = LayerRecord(result.alpha, result.error, flips)
-            done[name] = (QuantizedLinear(record, result.scales.float().cpu(), grid if on_grid else None), weight)
+            done[name] = (QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None), weight)
     for name, (_, weight) in done.items():
         visit.block.get_submodule(name).weight.data.copy_(weight)
     return {name: done[name][0] for name in block_linears(visit.block)}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from awqkit.architectures import DecoderLayout, block_linears
+from awqkit.search import NonFiniteError
 
 if TYPE_CHECKING:
     from awqkit.config import QuantizeConfig
@@ -284,6 +285,12 @@ def _work_copy(template: nn.Module, state: dict[str, torch.Tensor], device: torc
     return block.to(device)
 
 
+def _check_finite(state: dict[str, torch.Tensor], index: int) -> None:
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"block {index} {name} holds NaN or infinite values")
+
+
 def walk_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -314,6 +321,7 @@ def walk_blocks(
 
     for index in range(start, len(layout.blocks)):
         state = block_state(index)
+        _check_finite(state, index)
         block = _work_copy(layout.blocks[index], state, device)
         forward = block if compute_dtype == torch.float32 else copy.deepcopy(block).to(compute_dtype)
         stored_dtypes = {name: tensor.dtype for name, tensor in state.items()}

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from awqkit.pipeline import COMPUTE_DTYPES, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
+from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
 from awqkit.rounding import ROUNDINGS
 
 DEFAULTS = QuantizeConfig()
@@ -66,14 +66,32 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
         "on CPUs with AVX512-BF16/AMX and on GPUs, ~7x slower on AVX2-only CPUs",
     )
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float16, float32")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where each block, its activations and the search run: auto (an accelerator when torch sees one), "
+        "cpu, cuda, cuda:N, xpu, mps",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="largest output shard, as save_pretrained's (e.g. 5GB, 500MB); whole blocks per shard",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing model folder at --out (never a file, the current folder or the input)",
+    )
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
     from awqkit.pipeline import quantize
 
     config = _config_from_args(QuantizeConfig, args)
-    result = quantize(args.model, args.out, config, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+    result = quantize(
+        args.model, args.out, config, dtype=args.dtype, device=args.device, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
     alphas = [layer.alpha for layer in result.layers.values()]
     print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}")
     return 0

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -246,10 +247,15 @@ def quantize(
             save_progress(partial, run, visit.outputs)
             writer.saved(), scales_writer.saved()
 
-    quantize_blocks(
-        layout, inputs, config, write_block, architecture=architecture, device=compute_device,
-        block_state=source.block_state, start=run.next_block, timings=timings, progress=progress,
-    )  # fmt: skip
+    try:
+        quantize_blocks(
+            layout, inputs, config, write_block, architecture=architecture, device=compute_device,
+            block_state=source.block_state, start=run.next_block, timings=timings, progress=progress,
+        )  # fmt: skip
+    except ValueError:
+        # Bad input (a NaN weight, say) fails the same way again: nothing to resume, nothing kept.
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     with timed(timings, "save"):
         clear_progress(partial)
         writer.finish()
@@ -260,8 +266,8 @@ def quantize(
     result = QuantizeResult({name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks)
     result.peak_rss_gib = peak_rss_gib()
     _write_measurements(partial, result, compute_device)
-    unmark(partial)
     publish(partial, out, overwrite)
+    unmark(out)
     log.info(
         "done: %s; peak RSS %.2f GiB",
         ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()),

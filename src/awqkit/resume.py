@@ -109,5 +109,5 @@ def clear_progress(folder: Path) -> None:
 
 
 def unmark(folder: Path) -> None:
-    """The folder is complete and about to become the output."""
+    """The run's folder is published as the output: it is no longer a run in progress."""
     (folder / MARKER).unlink()
