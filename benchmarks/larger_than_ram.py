@@ -131,8 +131,9 @@ def main() -> None:
 
     command = [sys.executable, "-m", "awqkit.cli", "quantize", str(args.model), "--out", str(args.out), "--overwrite", "--quiet",
                *QUANTIZE, *awqkit_args]  # fmt: skip
-    summary["quantize_s"], rss_mib = run_measured(command, args.out.with_name(args.out.name + ".log"))
-    summary["quantize_peak_rss_gib"] = rss_mib / 1024
+    summary["quantize_s"], _ = run_measured(command, args.out.with_name(args.out.name + ".log"))
+    # awqkit's own record of its peak (VmHWM); ru_maxrss would start at this process's peak.
+    summary["quantize_peak_rss_gib"] = json.loads((args.out / "awqkit-run.json").read_text())["peak_rss_gib"]
     print(f"quantized in {summary['quantize_s'] / 60:.1f} min, peak RSS {summary['quantize_peak_rss_gib']:.2f} GiB", flush=True)
 
     output = Checkpoint(args.out)

@@ -60,7 +60,7 @@ CASES = {
     "eval missing tensor": (["eval", "{root}/missing-tensor", *EVAL], "model.layers.0.mlp.down_proj.weight"),
     "eval wrong shape": (["eval", "{root}/wrong-shape", *EVAL], "model.norm.weight [3]"),
     "eval seq-len too long": (["eval", "{root}/good", *EVAL, "--seq-len", "65"], "max_position_embeddings 64"),
-    "eval model is a file": (["eval", "{root}/a-file.txt", *EVAL], "model folder not found"),
+    "eval model is a file": (["eval", "{root}/a-file.txt", *EVAL], "is a file, not a model folder"),
     "eval model under a file": (["eval", "{root}/a-file.txt/model", *EVAL], "model folder not found"),
     "eval missing model": (["eval", "{root}/nowhere", *EVAL], "model folder not found"),
     "eval junk config": (["eval", "{root}/junk-config", *EVAL], "junk-config"),
@@ -127,6 +127,6 @@ def test_a_package_the_format_needs_is_named_in_one_line(inputs, tmp_path, monke
     def load(*args):
         raise ImportError(message)
 
-    monkeypatch.setattr(awqkit.compare, "load_scoring_model", load)
+    monkeypatch.setattr(awqkit.compare, "load_checked_model", load)
     rc = main(["--quiet", *(a.format(root=inputs, out=tmp_path) for a in ["eval", "{root}/good", *EVAL])])
     assert rc == 2 and capsys.readouterr().err == f"awqkit: error: {message}\n"

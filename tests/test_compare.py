@@ -18,8 +18,8 @@ from awqkit.compare import (
     _save_cache,
     check_seq_len,
     library_versions,
-    load_scoring_model,
 )
+from awqkit.checkpoint import load_checked_model
 
 N = 4
 ARGS = ["--seq-len", "32", "--max-windows", str(N), "--batch-size", "2"]
@@ -155,7 +155,7 @@ def test_a_bad_cache_file_gives_the_report_of_no_cache(case, tmp_path, model_dir
     assert rc == 0 and _scored(report) == _scored(uncached)
     # The file was rewritten whole: a later run needs no model.
     assert _load_cache(path, N).complete
-    monkeypatch.setattr(awqkit.compare, "load_scoring_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(awqkit.compare, "load_checked_model", lambda *a: pytest.fail("model loaded"))
     rc, cached = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     assert rc == 0 and _scored(cached) == _scored(uncached)
 
@@ -207,19 +207,19 @@ def _copy_with(tmp_path: Path, source: Path, edit) -> Path:
 def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path, model_dir):
     folder = _copy_with(tmp_path, model_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"lacks tensors the model needs: model\.layers\.1\.mlp\.up_proj\.weight$"):
-        load_scoring_model(str(folder), "auto")
+        load_checked_model(str(folder), "auto")
 
 
 def test_a_tensor_of_the_wrong_shape_is_refused(tmp_path, model_dir):
     folder = _copy_with(tmp_path, model_dir, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
     with pytest.raises(ValueError, match=r"wrong shape: model\.norm\.weight \[3\] \(model \[64\]\)"):
-        load_scoring_model(str(folder), "auto")
+        load_checked_model(str(folder), "auto")
 
 
 def test_extra_tensors_are_ignored_with_a_warning(tmp_path, model_dir, caplog):
     folder = _copy_with(tmp_path, model_dir, lambda t: t.update({"extra.weight": torch.ones(3)}))
     with caplog.at_level(logging.WARNING, logger="awqkit"):
-        model = load_scoring_model(str(folder), "float32")
+        model = load_checked_model(str(folder), "float32")
     assert "extra.weight" in caplog.text and not model.training
     reference = load_file(model_dir / "model.safetensors")
     assert torch.equal(model.model.norm.weight, reference["model.norm.weight"])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_tensors, save_tiny
+from conftest import read_tensors
 from transformers import AutoModelForCausalLM
 
 from awqkit.cli import main

@@ -7,23 +7,28 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+import logging
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import save_file
 
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, parse_size
 
+log = logging.getLogger("awqkit")
+
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def _check_model_ref(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
+    if name_or_path.startswith((".", "/", "~")) and not path.is_dir():
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
 
 
-def _one_line(name_or_path: str, error: OSError) -> FileNotFoundError:
+def one_line_load_error(name_or_path: str, error: OSError) -> FileNotFoundError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}")
 
@@ -35,22 +40,51 @@ def load_tokenizer(name_or_path: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as error:
-        raise _one_line(name_or_path, error) from None
+        raise one_line_load_error(name_or_path, error) from None
 
 
 def load_model(name_or_path: str, dtype: str = "auto", tokenizer: Any = None) -> tuple[Any, Any]:
     """A causal LM and its tokenizer, in the dtype the checkpoint was saved in unless ``dtype`` says."""
-    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     tokenizer = tokenizer or load_tokenizer(name_or_path)
+    return load_checked_model(name_or_path, dtype), tokenizer
+
+
+MAX_NAMED_TENSORS = 5
+
+
+def _named(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - MAX_NAMED_TENSORS} more" if len(keys) > MAX_NAMED_TENSORS else ""
+    return ", ".join(keys[:MAX_NAMED_TENSORS]) + more
+
+
+def load_checked_model(name_or_path: str, dtype: str = "auto") -> Any:
+    """The model in ``dtype``, refused when its checkpoint lacks a tensor or has one in the wrong shape.
+
+    transformers fills such tensors with random values and only warns: quantized or scored, that
+    would be a model nobody saved.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except OSError as error:
-        raise _one_line(name_or_path, error) from None
-    model.eval()
-    return model, tokenizer
+        raise one_line_load_error(name_or_path, error) from None
+    if loading["missing_keys"]:
+        raise ValueError(f"{name_or_path} lacks tensors the model needs: {_named(loading['missing_keys'])}")
+    if loading["mismatched_keys"]:
+        names = (f"{key} {list(saved)} (model {list(expected)})" for key, saved, expected in loading["mismatched_keys"])
+        raise ValueError(f"{name_or_path} has tensors of the wrong shape: {_named(names)}")
+    if loading["unexpected_keys"]:
+        log.warning("%s: tensors the model does not use, ignored: %s", name_or_path, _named(loading["unexpected_keys"]))
+    return model.eval()
 
 
 MODEL_FOLDER_MARKERS = ("config.json", "awqkit.json")

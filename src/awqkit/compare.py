@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from awqkit.calibration import bos_to_prepend, tokenize_text
+from awqkit.checkpoint import load_checked_model
 from awqkit.evaluation import (
     MODES,
     Windows,
@@ -44,7 +45,6 @@ log = logging.getLogger("awqkit")
 TOKENIZER_PROBE_CHARS = 20_000
 # Version of the cache file's layout; a file of any other version is scored again.
 CACHE_FORMAT = 2
-MAX_NAMED_TENSORS = 5
 
 
 def default_cache_dir() -> Path:
@@ -232,48 +232,16 @@ def _save_cache(path: Path, cache: CachedNLL) -> None:
         os.close(folder)
 
 
-def _named(keys: Iterable[str]) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - MAX_NAMED_TENSORS} more" if len(keys) > MAX_NAMED_TENSORS else ""
-    return ", ".join(keys[:MAX_NAMED_TENSORS]) + more
-
-
-def load_scoring_model(model_name: str, dtype: str) -> Any:
-    """The model in ``dtype``, refused when its checkpoint lacks a tensor or has one in the wrong shape.
-
-    transformers fills such tensors with random values and only warns: scored, that would be the
-    perplexity of a model nobody saved.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from awqkit.checkpoint import DTYPES, _one_line
-
-    try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            model_name, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
-        )
-    except OSError as error:
-        raise _one_line(model_name, error) from None
-    if loading["missing_keys"]:
-        raise ValueError(f"{model_name} lacks tensors the model needs: {_named(loading['missing_keys'])}")
-    if loading["mismatched_keys"]:
-        names = (f"{key} {list(saved)} (model {list(expected)})" for key, saved, expected in loading["mismatched_keys"])
-        raise ValueError(f"{model_name} has tensors of the wrong shape: {_named(names)}")
-    if loading["unexpected_keys"]:
-        log.warning("%s: tensors the model does not use, ignored: %s", model_name, _named(loading["unexpected_keys"]))
-    return model.eval()
-
-
 def check_seq_len(model_name: str, seq_len: int) -> None:
     """Refuse windows longer than the model's position embeddings reach: their NLLs mean nothing."""
     from transformers import AutoConfig
 
-    from awqkit.checkpoint import _one_line
+    from awqkit.checkpoint import one_line_load_error
 
     try:
         config = AutoConfig.from_pretrained(model_name).get_text_config()
     except OSError as error:
-        raise _one_line(model_name, error) from None
+        raise one_line_load_error(model_name, error) from None
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ValueError(f"seq-len {seq_len} is beyond {model_name}'s max_position_embeddings {limit}")
@@ -341,7 +309,7 @@ def score_model(
         return Scored(dtypes.pop(), saved_dtype(model_name), {name: cache.nll for name, cache in cached.items()})
 
     log.info("%s: loading %s (dtype %s)", label, model_name, config.dtype)
-    model = load_scoring_model(model_name, config.dtype)
+    model = load_checked_model(model_name, config.dtype)
     dtype = str(model.dtype).removeprefix("torch.")
     scores = {}
     for name, w in windows.items():

@@ -6,6 +6,7 @@ import functools
 import resource
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -47,8 +48,18 @@ def _available(kind: str) -> bool:
 
 
 def peak_rss_gib() -> float:
-    """The process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This program's peak resident memory so far.
+
+    Linux's VmHWM is the high-water mark of the memory of this program since it started;
+    ru_maxrss is not: a process started by fork or vfork + exec inherits its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
 
 
 def peak_device_gib(device: torch.device) -> float | None:
