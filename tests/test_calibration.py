@@ -3,7 +3,13 @@ import torch
 from conftest import tiny_model
 
 from awqkit.architectures import find_decoder
-from awqkit.calibration import calibration_windows, capture_block_inputs, cut_windows, search_token_indices, walk_blocks
+from awqkit.calibration import (
+    calibration_windows,
+    capture_block_inputs,
+    cut_windows,
+    search_token_indices,
+    walk_blocks,
+)
 
 
 def test_windows_are_seeded_and_bos_led():

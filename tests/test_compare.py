@@ -10,6 +10,7 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 import awqkit.compare
+from awqkit.checkpoint import load_checked_model
 from awqkit.cli import main
 from awqkit.compare import (
     CACHE_FORMAT,
@@ -19,7 +20,6 @@ from awqkit.compare import (
     check_seq_len,
     library_versions,
 )
-from awqkit.checkpoint import load_checked_model
 
 N = 4
 ARGS = ["--seq-len", "32", "--max-windows", str(N), "--batch-size", "2"]

@@ -1,14 +1,20 @@
 import pytest
 import torch
+from conftest import tiny_model
 
-from awqkit.architectures import ARCHITECTURES, UnsupportedModelError, architecture_of, find_decoder, foldable
+from awqkit.architectures import (
+    ARCHITECTURES,
+    UnsupportedModelError,
+    architecture_of,
+    find_decoder,
+    foldable,
+)
 from awqkit.blockquant import module_output_error
 from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
-from awqkit.folding import divide_output, fold_scales
 from awqkit.config import QuantizeConfig
+from awqkit.folding import divide_output, fold_scales
 from awqkit.pipeline import quantize_model
 from awqkit.quant import dequantize_groupwise
-from conftest import tiny_model
 
 TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 

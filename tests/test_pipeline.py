@@ -166,8 +166,7 @@ STREAM_CASES = {
 def _in_memory_run(model_dir, calib, extra, out):
     from awqkit.calibration import calibration_data
     from awqkit.checkpoint import load_model, save_quantized
-    from awqkit.cli import build_parser
-    from awqkit.cli import _config_from_args
+    from awqkit.cli import _config_from_args, build_parser
     from awqkit.config import QuantizeConfig
     from awqkit.pipeline import quantize_model, run_record
 

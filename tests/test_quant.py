@@ -3,7 +3,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awqkit.quant import GroupQuantized, dequantize_groupwise, expand_groups, quantize_groupwise
+from awqkit.quant import (
+    GroupQuantized,
+    dequantize_groupwise,
+    expand_groups,
+    quantize_groupwise,
+)
 
 
 def _weights(seed: int, out: int, inp: int, shift: float = 0.0) -> torch.Tensor:

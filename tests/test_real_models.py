@@ -12,9 +12,9 @@ from awqkit.architectures import find_decoder
 from awqkit.calibration import bos_to_prepend, calibration_windows, tokenize_text
 from awqkit.checkpoint import load_model, save_quantized
 from awqkit.cli import main
+from awqkit.config import QuantizeConfig
 from awqkit.corpora import load_corpus
 from awqkit.evaluation import eval_windows, perplexity, window_nll
-from awqkit.config import QuantizeConfig
 from awqkit.pipeline import quantize_model, run_record
 from awqkit.quant import round_nearest
 
@@ -110,7 +110,7 @@ def test_end_to_end_smollm2_nearest_and_greedy(smollm2_dir, tmp_path):
 
 
 def test_end_to_end_gemma3(gemma3_dir, tmp_path):
-    args = ["--quiet", "quantize", str(gemma3_dir), "--out", str(tmp_path / "g"), "--n-calib", "4", "--seq-len", "128",
+    args = ["--quiet", "quantize", "gemma3", "--out", str(tmp_path / "g"), "--n-calib", "4", "--seq-len", "128",
             "--n-grid", "4", "--max-search-tokens", "256", "--calib-data", "python-doc", "--rounding", "greedy"]
     assert main(args) == 0
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)

@@ -1,7 +1,13 @@
 import torch
 
 from awqkit.quant import dequantize_groupwise, quantize_groupwise
-from awqkit.search import alpha_grid, awq_scales, linear_output_error, output_mse, search_alpha
+from awqkit.search import (
+    alpha_grid,
+    awq_scales,
+    linear_output_error,
+    output_mse,
+    search_alpha,
+)
 
 
 def _layer(seed: int = 0, out: int = 32, inp: int = 64, n: int = 256):

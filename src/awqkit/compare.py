@@ -38,6 +38,7 @@ from awqkit.evaluation import (
     window_nll,
 )
 from awqkit.report import markdown_table
+from awqkit.runtime import library_versions
 from awqkit.shipped import cache_dir
 
 log = logging.getLogger("awqkit")
@@ -133,15 +134,6 @@ def saved_dtype(model: str) -> str | None:
 def _cache_path(root: Path, digest: str, dtype: str, dataset: str, windows: Windows) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).name)[:40]
     return root / f"{digest[:16]}-{dtype}-{slug}-{windows.digest()[:16]}.npz"
-
-
-def library_versions() -> dict[str, str]:
-    """The versions that decide what a model's NLLs come out as; a cache scored by others is stale."""
-    import transformers
-
-    import awqkit
-
-    return {"awqkit": awqkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 @dataclass
@@ -366,10 +358,12 @@ def evaluate(models: Sequence[str], config: EvalConfig, progress: bool = True) -
     """Score every model on every dataset's windows and return the report (see ``summarize``)."""
     from awqkit.checkpoint import load_tokenizer
     from awqkit.corpora import load_corpus
+    from awqkit.shipped import resolve_shipped
 
     config.validate()
     if not models:
         raise ValueError("no models given")
+    models = [resolve_shipped(model) for model in models]
     # Every input problem surfaces before the first (slow) model load.
     texts = {name: load_corpus(name, split="test") for name in config.datasets}
     tokenizers = {model: load_tokenizer(model) for model in dict.fromkeys(models)}

@@ -59,10 +59,15 @@ def _hub_corpus(name: str, split: str) -> str:
     from datasets import load_dataset
 
     dataset, config, splits, field = HUB_CORPORA[name]
-    if name == "c4":
-        data = load_dataset(dataset, data_files={split: splits[split]}, split=split)
-    else:
-        data = load_dataset(dataset, config, split=splits[split])
+    try:
+        if name == "c4":
+            data = load_dataset(dataset, data_files={split: splits[split]}, split=split)
+        else:
+            data = load_dataset(dataset, config, split=splits[split])
+    except Exception as error:  # offline, gated, renamed: datasets raises many kinds
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        offline = ", ".join(DEBIAN_CORPORA)
+        raise FileNotFoundError(f"cannot load corpus {name!r} from the Hugging Face Hub ({first}); offline corpora: {offline}") from None
     return "\n\n".join(t for t in data[field] if t.strip())
 
 

@@ -17,7 +17,14 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from awqkit.architectures import Architecture, DecoderLayout, ScaleGroup, architecture_of, find_decoder, per_linear_groups
+from awqkit.architectures import (
+    Architecture,
+    DecoderLayout,
+    ScaleGroup,
+    architecture_of,
+    find_decoder,
+    per_linear_groups,
+)
 from awqkit.blockquant import LayerRecord, QuantizedLinear, quantize_block
 from awqkit.calibration import (
     BlockInputs,
@@ -30,7 +37,16 @@ from awqkit.calibration import (
 )
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.quant import GroupQuantized
-from awqkit.runtime import peak_device_gib, peak_rss_gib, release_freed_memory, resolve_device, synchronize, timed
+from awqkit.runtime import (
+    cpu_name,
+    library_versions,
+    peak_device_gib,
+    peak_rss_gib,
+    release_freed_memory,
+    resolve_device,
+    synchronize,
+    timed,
+)
 
 log = logging.getLogger("awqkit")
 
@@ -188,9 +204,24 @@ def quantize(
     output is built in a hidden sibling folder that the same command, run again after a kill,
     continues from; it is renamed to ``out_dir`` when complete.
     """
-    from awqkit.checkpoint import DTYPES, check_output_dir, float_linears, load_tokenizer, publish, write_model_files
+    from awqkit.checkpoint import (
+        DTYPES,
+        check_output_dir,
+        float_linears,
+        load_tokenizer,
+        publish,
+        write_model_files,
+    )
     from awqkit.formats import block_tensors
-    from awqkit.resume import clear_progress, fingerprint, load_hidden, open_partial, partial_folder, save_progress, unmark
+    from awqkit.resume import (
+        clear_progress,
+        fingerprint,
+        load_hidden,
+        open_partial,
+        partial_folder,
+        save_progress,
+        unmark,
+    )
     from awqkit.source import StreamedModel, resolve_model_folder
     from awqkit.writer import ShardWriter
 
@@ -217,7 +248,7 @@ def quantize(
     partial = partial_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     run = open_partial(partial, fingerprint({
-        "awqkit": _versions(), "config": asdict(config), "dtype": dtype, "device": str(compute_device),
+        "awqkit": library_versions(), "config": asdict(config), "dtype": dtype, "device": str(compute_device),
         "source": source.files.identity(), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         "max_shard_bytes": max_shard_bytes,
     }))  # fmt: skip
@@ -292,14 +323,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from awqkit import __version__
-
-    return {"awqkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def _generation_config(folder: Path) -> Any:
     from transformers import GenerationConfig
 
@@ -313,19 +336,9 @@ def _write_measurements(folder: Path, result: QuantizeResult, device: torch.devi
     """Timings and memory of this run: the one output file that differs between equal runs."""
     measurements = {
         "device": str(device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "stages_s": {stage: round(seconds, 3) for stage, seconds in result.timings.items()},
         "peak_rss_gib": round(result.peak_rss_gib, 3),
         "blocks": result.blocks,
     }
     (folder / MEASUREMENTS).write_text(json.dumps(measurements, indent=1) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -107,3 +107,25 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that decide what a run computes: a cache or a partial run from others is stale."""
+    import transformers
+
+    import awqkit
+
+    return {"awqkit": awqkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, to print next to every timing."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -78,6 +78,14 @@ def shipped_model(name: str) -> Path:
     return folder
 
 
+def resolve_shipped(name: str) -> str:
+    """``smollm2`` and ``gemma3`` name the shipped models (converted on first use) unless a folder
+    of that name exists; any other name is returned as is."""
+    if name in SHIPPED and not Path(name).exists():
+        return str(shipped_model(name))
+    return name
+
+
 if __name__ == "__main__":
     for model_name in sys.argv[1:] or list(SHIPPED):
         print(shipped_model(model_name))

@@ -30,14 +30,14 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "to
 
 def resolve_model_folder(name_or_path: str) -> Path:
     """A local folder for ``name_or_path``: itself, a shipped test model, or a Hub snapshot."""
-    from awqkit.shipped import SHIPPED, shipped_model
+    from awqkit.shipped import resolve_shipped
 
-    path = Path(name_or_path).expanduser()
+    path = Path(resolve_shipped(name_or_path)).expanduser()
     if path.is_dir():
         return path
-    if name_or_path in SHIPPED:
-        return shipped_model(name_or_path)
-    if name_or_path.startswith((".", "/", "~")) or path.exists():
+    if path.exists():
+        raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
+    if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
     return _hub_snapshot(name_or_path)
 

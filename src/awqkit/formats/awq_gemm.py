@@ -19,17 +19,21 @@ PACK = 8  # 4-bit values per int32
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """Integers in 0..15 [rows, cols] -> int32 [rows, cols / 8] in the AWQ interleaved order."""
+    """Integers in 0..15 [rows, cols] -> int32 [rows, cols / 8] in the AWQ interleaved order.
+
+    Built in int32 one nibble slot at a time (an int64 copy of a 13B model's block is 2.5 GB):
+    the slot at bits 28..31 wraps into the sign bit, which is the two's complement AWQ stores.
+    """
     rows, cols = values.shape
     if cols % PACK:
         raise ValueError(f"AWQ packs 8 columns per int32; {cols} is not a multiple of 8")
     if values.min() < 0 or values.max() > 15:
         raise ValueError("AWQ packing holds 4-bit values (0..15) only")
-    nibbles = values.to(torch.int64).reshape(rows, cols // PACK, PACK)[:, :, list(AWQ_ORDER)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    packed = (nibbles << shifts).sum(dim=2)
-    # Bits 28..31 set means a negative int32: wrap explicitly rather than rely on a cast.
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    grouped = values.reshape(rows, cols // PACK, PACK)
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int32)
+    for slot, column in enumerate(AWQ_ORDER):
+        packed.bitwise_or_(grouped[:, :, column].to(torch.int32).bitwise_left_shift_(4 * slot))
+    return packed
 
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
