@@ -304,3 +304,56 @@ def test_float16_model_with_large_activations_exports_finite_awq_scales(tokenize
     assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
     layers = json.loads((out / "awqkit.json").read_text())["layers"]
     assert layers["model.layers.0.self_attn.q_proj"]["alpha"] > 0  # the dead channels' scales were folded
+
+
+def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
+    import numpy as np
+
+    np.savez(root / "windows.npz", ids=np.zeros((2, 8), dtype=np.int64))
+    np.save(root / "float.npy", np.full((2, 8), 3.7))
+    np.save(root / "flat.npy", np.zeros(8, dtype=np.int64))
+    (root / "junk.npy").write_bytes(b"not numpy")
+    (root / "a-file").write_text("x")
+    return {
+        "npz calib tokens": (["--calib-tokens", str(root / "windows.npz")], "npz"),
+        "float calib tokens": (["--calib-tokens", str(root / "float.npy")], "must be integers"),
+        "1-D calib tokens": (["--calib-tokens", str(root / "flat.npy")], "[n_windows, seq_len]"),
+        "junk calib tokens": (["--calib-tokens", str(root / "junk.npy")], "not a numpy"),
+        "missing calib tokens": (["--calib-tokens", str(root / "nope.npy")], "not found"),
+        "bad shard size": (["--max-shard-size", "lots"], "cannot read size"),
+        "bad dtype": (["--dtype", "int8"], "unknown dtype"),
+        "out below a file": (["--out", str(root / "a-file" / "out")], "not a folder"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "npz calib tokens", "float calib tokens", "1-D calib tokens", "junk calib tokens", "missing calib tokens",
+    "bad shard size", "bad dtype", "out below a file",
+])  # fmt: skip
+def test_bad_quantize_inputs_are_one_line_exit_2_and_write_nothing(case, tiny_llama_dir, calib_text, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    extra, message = _bad_inputs(inputs)[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    out = ["--out", str(tmp_path / "out")] if "--out" not in extra else []
+    argv = ["--quiet", "quantize", str(tiny_llama_dir), *out, "--calib-data", str(calib_text), *FAST, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_fused_expert_weights_are_refused_not_half_quantized():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from awqkit.architectures import UnsupportedModelError, find_decoder
+
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1, num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    if not any(p.dim() == 3 for p in model.parameters()):
+        pytest.skip("this transformers keeps Mixtral's experts as nn.Linear")
+    with pytest.raises(UnsupportedModelError, match="outside nn.Linear.*mixture-of-experts"):
+        find_decoder(model)
