@@ -22,14 +22,7 @@ from awqkit.folding import fold_scales
 from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from awqkit.rounding import RoundingFactory, make_rounding
 from awqkit.runtime import timed
-from awqkit.search import (
-    ErrorFn,
-    NonFiniteError,
-    SearchResult,
-    alpha_grid,
-    linear_output_error,
-    search_alpha,
-)
+from awqkit.search import ErrorFn, NonFiniteError, SearchResult, alpha_grid, linear_output_error, search_alpha
 
 
 @dataclass

@@ -8,14 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from awqkit.config import (
-    COMPUTE_DTYPES,
-    DEFAULT_MAX_SHARD_SIZE,
-    FORMATS,
-    OBJECTIVES,
-    SCALES,
-    QuantizeConfig,
-)
+from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
 from awqkit.rounding import ROUNDINGS
 
 DEFAULTS = QuantizeConfig()

@@ -204,14 +204,7 @@ def quantize(
     output is built in a hidden sibling folder that the same command, run again after a kill,
     continues from; it is renamed to ``out_dir`` when complete.
     """
-    from awqkit.checkpoint import (
-        DTYPES,
-        check_output_dir,
-        float_linears,
-        load_tokenizer,
-        publish,
-        write_model_files,
-    )
+    from awqkit.checkpoint import DTYPES, check_output_dir, float_linears, load_tokenizer, publish, write_model_files
     from awqkit.formats import block_tensors
     from awqkit.resume import (
         clear_progress,

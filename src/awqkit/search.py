@@ -14,12 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from awqkit.quant import (
-    GroupQuantized,
-    dequantize_groupwise,
-    quantize_groupwise,
-    round_nearest,
-)
+from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise, round_nearest
 from awqkit.rounding import RoundingFactory
 
 
