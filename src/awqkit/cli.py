@@ -140,6 +140,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     for output in filter(None, (args.json, args.plot)):
         check_output_file(output)
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError("--plot draws with matplotlib: pip install 'awqkit[plot]'")
     config = _config_from_args(
         EvalConfig,
         args,

@@ -56,7 +56,10 @@ def _records(path: Path) -> list[str]:
 
 
 def _hub_corpus(name: str, split: str) -> str:
-    from datasets import load_dataset
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise ImportError(f"corpus {name!r} comes from the Hub through `datasets`: pip install 'awqkit[hub]'") from None
 
     dataset, config, splits, field = HUB_CORPORA[name]
     try:
