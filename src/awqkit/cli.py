@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"awqkit: error: {message or type(error).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A quantize run keeps its finished blocks: the same command continues from them.
+        print("awqkit: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
