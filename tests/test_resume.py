@@ -88,3 +88,21 @@ def test_a_foreign_folder_in_the_partial_place_is_never_deleted(four_layer_dir, 
     assert _run(four_layer_dir, out, calib_text) == 2
     assert "not an awqkit run's folder" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_continues(four_layer_dir, calib_text, tmp_path, monkeypatch, capsys):
+    assert _run(four_layer_dir, tmp_path / "uninterrupted", calib_text) == 0
+    real = awqkit.pipeline.quantize_block
+
+    def interrupted(visit, *args, **kwargs):
+        if visit.index == 2:
+            raise KeyboardInterrupt
+        return real(visit, *args, **kwargs)
+
+    monkeypatch.setattr(awqkit.pipeline, "quantize_block", interrupted)
+    capsys.readouterr()
+    assert _run(four_layer_dir, tmp_path / "out", calib_text) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert _run(four_layer_dir, tmp_path / "out", calib_text) == 0
+    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "uninterrupted")
