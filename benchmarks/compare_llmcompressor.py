@@ -6,9 +6,12 @@
 Both tools read the same calibration token windows (one .npy file per model), use the same bits,
 group size, grid size and seed, and every output is scored by ``awqkit eval`` on the same
 held-out windows, llm-compressor's first so each CI is a paired difference against it. Each
-quantize run is its own process (wall, CPU and peak RSS from ``os.wait4``); runs are interleaved
-and repeated, and the medians are reported. llm-compressor runs in its own virtual environment
-(it pins an older transformers) through ``llmcompressor_awq.py``.
+quantize run is its own process, started through measure.py's launcher: wall, CPU (user +
+system) and peak RSS from ``os.wait4``, the peak that process's own and not this one's. awqkit's
+stage seconds come from the record it writes into its output (awqkit-run.json), llm-compressor's
+from ``llmcompressor_awq.py --timings``. Runs are interleaved and repeated, and the medians are
+reported. llm-compressor runs in its own virtual environment (it pins an older transformers)
+through ``llmcompressor_awq.py``.
 
 Also measured: awqkit's stages against a FLOP floor from this machine's bf16 and fp32 matmul
 rates, and how awqkit's time and peak RSS grow with calibration tokens and with parameters
@@ -18,22 +21,38 @@ rates, and how awqkit's time and peak RSS grow with calibration tokens and with 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import re
 import shutil
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from make_random_llama import llama_config, write_random_llama
+from make_random_llama import parse_args as random_llama_args
+from measure import (
+    Run,
+    check_launcher,
+    child_env,
+    cpu_name,
+    fit_line,
+    matmul_gflops,
+    md_table,
+    median_run,
+    paired_ci,
+    ratio,
+    rotated,
+    run_measured,
+)
 
-from awqkit.pipeline import QuantizeConfig
+from awqkit.config import QuantizeConfig
+from awqkit.pipeline import MEASUREMENTS
 from awqkit.shipped import SHIPPED, shipped_model
 
 HERE = Path(__file__).resolve().parent
@@ -93,24 +112,24 @@ class Settings:
     out: Path = HERE / "out" / "compare-llmcompressor"
 
 
-SMOKE = dict(
-    n_calib=4,
-    seq_len=64,
-    n_grid=2,
-    repeats=1,
-    eval_windows=2,
-    eval_seq_len=128,
-    scaling_n_calib=(4, 8),
-    scaling_seq_len=32,
-    scaling_n_grid=2,
-    scaling_max_search_tokens=64,
-    big_shape=(256, 1024, 2),
-    big_n_calib=2,
-    big_seq_len=32,
-    big_n_grid=2,
-    big_max_search_tokens=32,
-    out=HERE / "out" / "compare-llmcompressor-smoke",
-)
+SMOKE = {
+    "n_calib": 4,
+    "seq_len": 64,
+    "n_grid": 2,
+    "repeats": 1,
+    "eval_windows": 2,
+    "eval_seq_len": 128,
+    "scaling_n_calib": (4, 8),
+    "scaling_seq_len": 32,
+    "scaling_n_grid": 2,
+    "scaling_max_search_tokens": 64,
+    "big_shape": (256, 1024, 2),
+    "big_n_calib": 2,
+    "big_seq_len": 32,
+    "big_n_grid": 2,
+    "big_max_search_tokens": 32,
+    "out": HERE / "out" / "compare-llmcompressor-smoke",
+}
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -130,17 +149,29 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--methods", type=_names, default=d.methods, help=f"from {LLMC},{','.join(AWQKIT_METHODS)}")
     p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
-    p.add_argument("--n-grid", type=int, help=f"awqkit n-grid: n + 1 scalings tried per linear, both tools (default {d.n_grid})")
+    p.add_argument(
+        "--n-grid", type=int, help=f"awqkit n-grid: n + 1 scalings tried per linear, both tools (default {d.n_grid})"
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--repeats", type=int, help=f"timed runs per method (default {d.repeats})")
-    p.add_argument("--llmc-batch-size", type=int, default=d.llmc_batch_size, help="llm-compressor's windows per forward")
+    p.add_argument(
+        "--llmc-batch-size", type=int, default=d.llmc_batch_size, help="llm-compressor's windows per forward"
+    )
     p.add_argument("--llmc-dtype", default=d.llmc_dtype, help="llm-compressor's load dtype: auto (as saved), float32")
-    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=("auto", *RATE_KEYS), help="awqkit's; auto: the faster matmul here")
+    p.add_argument(
+        "--compute-dtype",
+        default=d.compute_dtype,
+        choices=("auto", *RATE_KEYS),
+        help="awqkit's; auto: the faster matmul here",
+    )
     p.add_argument("--eval-windows", type=int, help=f"held-out windows per corpus (default {d.eval_windows})")
     p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
     p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
     p.add_argument("--skip-compare", action="store_true", help="only the FLOP rates and the scaling runs")
     p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(HERE.parent)})")
+    p.add_argument(
+        "--json", type=Path, help="also write the report here (the full run's: docs/compare-llmcompressor.json)"
+    )
     p.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor environment")
     args = p.parse_args(argv)
     sizes = {**(SMOKE if args.smoke else {}), **{k: v for k, v in vars(args).items() if v is not None}}
@@ -150,48 +181,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     if unknown:
         p.error(f"unknown methods: {', '.join(sorted(unknown))}")
     return settings, args
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes: one run, its resources
-
-
-@dataclass
-class Run:
-    name: str
-    wall_s: float
-    cpu_s: float
-    peak_rss_gib: float
-    stages: dict[str, float] = field(default_factory=dict)
-
-
-def run_measured(name: str, command: list[str], log: Path) -> Run:
-    """Run ``command`` to completion; wall, user + system CPU and peak RSS of that process tree.
-
-    ``os.wait4`` reports the rusage of exactly this child (and what it waited for), unlike
-    RUSAGE_CHILDREN, whose peak RSS is the maximum over every child so far.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as sink:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=_child_env(command))
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-    # reaped by wait4 already: tell Popen, so it does not wait for the process again
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{name} failed (exit {process.returncode}); end of {log}:\n{tail}")
-    return Run(name, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20)
-
-
-def _child_env(command: list[str]) -> dict[str, str]:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    # the llm-compressor interpreter must not see the awqkit environment's packages
-    if command[0] != sys.executable:
-        env.pop("VIRTUAL_ENV", None)
-        env.pop("PYTHONPATH", None)
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +197,8 @@ def model_label(name: str) -> str:
 
 def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int, path: Path) -> Path:
     """The windows both tools calibrate on, drawn once by awqkit from the Python docs."""
+    from awqkit.calibration import calibration_data
     from awqkit.checkpoint import load_tokenizer
-    from awqkit.pipeline import calibration_data
 
     config = QuantizeConfig(n_calib=n_calib, seq_len=seq_len, calib_data="python-doc", seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,21 +226,6 @@ def largest_block_params(folder: Path) -> int:
     from awqkit.architectures import find_decoder
 
     return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
-
-
-def matmul_gflops(dtype: torch.dtype, tokens: int = 1024, width: int = 1024, min_seconds: float = 1.0) -> float:
-    """This machine's rate for a linear layer's product X W^T in one dtype, all threads torch uses.
-
-    The layout matters: on AVX2 CPUs a bf16 ``a @ b`` of two row-major matrices runs ~10x slower
-    than the same product as ``F.linear`` (the oneDNN path), and linears are what models run.
-    """
-    x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(2 * width, width, dtype=dtype)
-    torch.nn.functional.linear(x, w)  # warm-up: thread pool, kernel selection
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < min_seconds:
-        torch.nn.functional.linear(x, w)
-        count += 1
-    return 2 * tokens * width * 2 * width * count / (time.perf_counter() - start) / 1e9
 
 
 @dataclass(frozen=True)
@@ -283,14 +257,15 @@ class Work:
 # awqkit --compute-dtype -> its key in the measured matmul rates
 RATE_KEYS = {"float32": "fp32", "bfloat16": "bf16"}
 
-AWQKIT_DONE = re.compile(r"awqkit: done: (.*); peak RSS")
-STAGE = re.compile(r"([a-z][a-z ]*?) ([0-9.]+)s")
 
-
-def awqkit_stages(log: Path) -> dict[str, float]:
-    """Stage seconds from awqkit's closing log line (calibration data, load, calibration, search, greedy, save)."""
-    match = AWQKIT_DONE.search(log.read_text(errors="replace"))
-    return {name.strip(): float(secs) for name, secs in STAGE.findall(match.group(1))} if match else {}
+def read_awqkit_record(run: Run, out: Path) -> Run:
+    """awqkit's own record of the run (awqkit-run.json in its output): its stage seconds
+    (calibration data, calibration, which reads the blocks, search, the rounding, save) and its
+    peak RSS (VmHWM), kept next to the launcher's as a cross-check."""
+    record = json.loads((out / MEASUREMENTS).read_text())
+    run.stages = dict(record["stages_s"])
+    run.self_peak_rss_gib = record["peak_rss_gib"]
+    return run
 
 
 def rounding_s(stages: dict[str, float]) -> float:
@@ -299,11 +274,14 @@ def rounding_s(stages: dict[str, float]) -> float:
 
 
 def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:
-    # not --quiet: the closing log line carries the stage timings
-    return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", *quant, *options]
+    # --quiet: the stage timings are read from the run's awqkit-run.json, not from its log
+    return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", "--quiet",
+            *quant, *options]  # fmt: skip
 
 
-def method_command(method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path) -> list[str]:
+def method_command(
+    method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path
+) -> list[str]:
     if method == LLMC:
         # llm-compressor's n_grid counts the scalings tried, awqkit's the intervals of [0, 1]:
         # n_grid + 1 gives both the same number of candidates (identity included)
@@ -317,22 +295,17 @@ def method_command(method: str, folder: Path, out: Path, tokens: Path, group: in
     return awqkit_command(folder, out, AWQKIT_METHODS[method], quant)
 
 
-def run_method(method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path) -> Run:
+def run_method(
+    method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path
+) -> Run:
     if out.exists():
         shutil.rmtree(out)
-    run = run_measured(method, method_command(method, folder, out, tokens, group, s, llmc_python), log)
+    command = method_command(method, folder, out, tokens, group, s, llmc_python)
+    run = run_measured(method, command, log, env=child_env(command[0]))
     if method == LLMC:
         run.stages = json.loads(out.with_suffix(".timings.json").read_text())
-    else:
-        run.stages = awqkit_stages(log)
-    return run
-
-
-def awqkit_supports_shared() -> bool:
-    help_text = subprocess.run(
-        [sys.executable, "-m", "awqkit.cli", "quantize", "--help"], capture_output=True, text=True, check=True
-    ).stdout
-    return "--scales" in help_text
+        return run
+    return read_awqkit_record(run, out)
 
 
 def llmc_refusal(linears: list[tuple[int, int]], group: int) -> str | None:
@@ -353,7 +326,7 @@ def evaluate(models: list[Path], s: Settings, report: Path, log: Path) -> dict:
         "--seq-len", str(s.eval_seq_len), "--max-windows", str(s.eval_windows), "--dtype", eval_dtype(s),
         "--seed", str(s.seed), "--json", str(report), "--quiet", "--no-cache",
     ]  # fmt: skip
-    run_measured("eval", command, log)
+    run_measured("eval", command, log, env=child_env())
     return json.loads(report.read_text())
 
 
@@ -381,24 +354,9 @@ def quality(report: dict, names: list[str]) -> dict[str, dict[str, dict]]:
 # The comparison
 
 
-def median_run(runs: list[Run]) -> dict[str, Any]:
-    stages = sorted({k for r in runs for k in r.stages})
-    return {
-        "wall_s": statistics.median(r.wall_s for r in runs),
-        "cpu_s": statistics.median(r.cpu_s for r in runs),
-        "peak_rss_gib": max(r.peak_rss_gib for r in runs),
-        "stages": {k: statistics.median(r.stages.get(k, 0.0) for r in runs) for k in stages},
-        "runs": [asdict(r) for r in runs],
-    }
-
-
-def rotated(methods: Sequence[str], shift: int) -> list[str]:
-    """Each repeat starts with a different method, so none always runs first (cold caches)."""
-    shift %= len(methods)
-    return [*methods[shift:], *methods[:shift]]
-
-
-def compare_pair(name: str, folder: Path, group: int, methods: list[str], s: Settings, llmc_python: Path, rates: dict) -> dict:
+def compare_pair(
+    name: str, folder: Path, group: int, methods: list[str], s: Settings, llmc_python: Path, rates: dict
+) -> dict:
     where = s.out / f"{model_label(name)}-g{group}"
     tokens = write_calibration_tokens(folder, s.n_calib, s.seq_len, s.seed, where / "calib-tokens.npy")
     runs: dict[str, list[Run]] = {m: [] for m in methods}
@@ -407,15 +365,26 @@ def compare_pair(name: str, folder: Path, group: int, methods: list[str], s: Set
             log = where / "logs" / f"{method}-{repeat}.log"
             run = run_method(method, folder, where / method, tokens, group, s, llmc_python, log)
             runs[method].append(run)
-            print(f"  {model_label(name)} g{group} {method} #{repeat + 1}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
+            print(
+                f"  {model_label(name)} g{group} {method} #{repeat + 1}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB",
+                flush=True,
+            )
     # llm-compressor first: every CI is the paired difference against it
     order = sorted(methods, key=lambda m: m != LLMC) + ["original"]
-    report = evaluate([where / m if m != "original" else folder for m in order], s, where / "eval.json", where / "logs" / "eval.log")
+    report = evaluate(
+        [where / m if m != "original" else folder for m in order], s, where / "eval.json", where / "logs" / "eval.log"
+    )
     linear_params = sum(i * o for i, o in decoder_linears(folder))
     medians = {m: median_run(r) for m, r in runs.items()}
     for method in medians.keys() - {LLMC}:
         medians[method]["work"] = work_summary(method_work(method, linear_params, s), rates)
-    return {"model": model_label(name), "folder": str(folder), "group_size": group, "methods": medians, "quality": quality(report, order)}
+    return {
+        "model": model_label(name),
+        "folder": str(folder),
+        "group_size": group,
+        "methods": medians,
+        "quality": quality(report, order),
+    }
 
 
 def method_work(method: str, linear_params: int, s: Settings) -> Work:
@@ -435,10 +404,6 @@ def work_summary(work: Work, rates: dict[str, float]) -> dict[str, Any]:
 
 def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> list[dict]:
     methods = list(s.methods)
-    shared = [m for m in methods if m.startswith("shared")]
-    if shared and not awqkit_supports_shared():
-        notes.append(f"skipped {', '.join(shared)}: this awqkit's quantize has no --scales option")
-        methods = [m for m in methods if m not in shared]
     pairs = []
     for name in s.models:
         folder = model_folder(name)
@@ -458,36 +423,32 @@ def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> li
 
 
 def random_llama(shape: tuple[int, int, int], tokenizer_from: Path, out: Path, seed: int) -> Path:
-    """A randomly initialised Llama in bf16 with SmolLM2's tokenizer, written once and reused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    hidden, intermediate, layers = shape
+    """A randomly initialised Llama in bf16 with SmolLM2's tokenizer (make_random_llama.py, shard by
+    shard), tied embeddings, 128-wide heads, a KV head per 4; written once and reused."""
     if (out / "config.json").exists():
         return out
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=hidden // 128 or 1, num_key_value_heads=max(hidden // 512, 1), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, dtype="bfloat16",
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    hidden, intermediate, layers = shape
+    args = random_llama_args([
+        str(out), "--hidden", str(hidden), "--intermediate", str(intermediate), "--layers", str(layers),
+        "--heads", str(hidden // 128 or 1), "--kv-heads", str(max(hidden // 512, 1)), "--tie-word-embeddings",
+        "--tokenizer", str(tokenizer_from), "--seed", str(seed),
+    ])  # fmt: skip
+    write_random_llama(llama_config(args), out, args.seed, args.max_shard_size, args.tokenizer)
     return out
 
 
-def scaling_run(label: str, folder: Path, n_calib: int, seq_len: int, n_grid: int, search: int, s: Settings, rates: dict) -> dict:
+def scaling_run(
+    label: str, folder: Path, n_calib: int, seq_len: int, n_grid: int, search: int, s: Settings, rates: dict
+) -> dict:
     where = s.out / "scaling"
     quant = ["--n-grid", str(n_grid), "--max-search-tokens", str(search), "--seed", str(s.seed),
              "--calib-data", "python-doc", "--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", "64",
              "--compute-dtype", s.compute_dtype]  # fmt: skip
     out = where / label
-    run = run_measured(label, awqkit_command(folder, out, ["--rounding", "nearest"], quant), where / f"{label}.log")
-    run.stages = awqkit_stages(where / f"{label}.log")
+    run = run_measured(
+        label, awqkit_command(folder, out, ["--rounding", "nearest"], quant), where / f"{label}.log", env=child_env()
+    )
+    read_awqkit_record(run, out)
     shutil.rmtree(out, ignore_errors=True)  # only the timings matter; a 1.5B output is 3 GB
     linears = decoder_linears(folder)
     work = Work(sum(i * o for i, o in linears), n_calib * seq_len, min(n_calib * seq_len, search), n_grid)
@@ -503,23 +464,32 @@ def scaling(s: Settings, rates: dict) -> list[dict]:
     smollm2 = model_folder("smollm2")
     rows = []
     for n in s.scaling_n_calib:
-        rows.append(scaling_run(f"smollm2-n{n}", smollm2, n, s.scaling_seq_len, s.scaling_n_grid, s.scaling_max_search_tokens, s, rates))
+        rows.append(
+            scaling_run(
+                f"smollm2-n{n}", smollm2, n, s.scaling_seq_len, s.scaling_n_grid, s.scaling_max_search_tokens, s, rates
+            )
+        )
     big = random_llama(s.big_shape, smollm2, s.out / "random-llama-{}x{}x{}".format(*s.big_shape), s.seed)
-    rows.append(scaling_run(f"random-llama-{s.big_shape[2]}L", big, s.big_n_calib, s.big_seq_len, s.big_n_grid, s.big_max_search_tokens, s, rates))
+    rows.append(
+        scaling_run(
+            f"random-llama-{s.big_shape[2]}L",
+            big,
+            s.big_n_calib,
+            s.big_seq_len,
+            s.big_n_grid,
+            s.big_max_search_tokens,
+            s,
+            rates,
+        )
+    )
     return rows
-
-
-def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
-    """Least-squares y = a + b x; with one point, the line through the origin."""
-    if len(x) < 2:
-        return 0.0, y[0] / x[0]
-    b, a = np.polyfit(np.asarray(x), np.asarray(y), 1)
-    return float(a), float(b)
 
 
 def growth(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Seconds per unit of work for calibration (linear params x tokens) and search (x search tokens x grid)."""
-    calibration = fit_line([r["linear_params"] * r["tokens"] for r in rows], [r["run"]["stages"].get("calibration", 0.0) for r in rows])
+    calibration = fit_line(
+        [r["linear_params"] * r["tokens"] for r in rows], [r["run"]["stages"].get("calibration", 0.0) for r in rows]
+    )
     search = fit_line(
         [r["linear_params"] * r["search_tokens"] * (r["n_grid"] + 1) for r in rows],
         [r["run"]["stages"].get("search", 0.0) + rounding_s(r["run"]["stages"]) for r in rows],
@@ -534,22 +504,6 @@ def growth(rows: list[dict]) -> dict[str, dict[str, float]]:
 # Tables
 
 
-def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
-
-
-def _ci(q: dict) -> str:
-    if q.get("dnll") is None:
-        return "(reference)"
-    low, high = q["dnll_ci"]
-    return f"{q['dnll']:+.4f} [{low:+.4f}, {high:+.4f}], wins {q['wins']:.0%}"
-
-
-def _ratio(value: float, reference: float | None) -> str:
-    return f"{value / reference:.3f}" if reference else "-"
-
-
 def comparison_table(pairs: list[dict]) -> str:
     rows = []
     for pair in pairs:
@@ -557,17 +511,17 @@ def comparison_table(pairs: list[dict]) -> str:
         for method in [*pair["methods"], "original"]:
             q = pair["quality"][method]
             timing = pair["methods"].get(method)
-            cells = ["-"] * 5
+            cells = ["-"] * 6
             if timing:
                 cells = [
                     f"{timing['wall_s']:.1f}", f"{timing['cpu_s']:.1f}", f"{timing['peak_rss_gib']:.2f}",
-                    _ratio(timing["wall_s"], reference and reference["wall_s"]), _ratio(timing["cpu_s"], reference and reference["cpu_s"]),
+                    *(ratio(timing[k], reference and reference[k]) for k in ("wall_s", "cpu_s", "peak_rss_gib")),
                 ]  # fmt: skip
             rows.append([pair["model"], str(pair["group_size"]), method, *cells,
-                         f"{q['fortunes']['ppl']:.2f}", _ci(q["fortunes"]), f"{q['foldoc']['ppl']:.2f}", _ci(q["foldoc"])])  # fmt: skip
-    header = ["model", "group", "method", "wall s", "CPU s", "peak RSS GiB", "wall / llmc", "CPU / llmc",
+                         f"{q['fortunes']['ppl']:.2f}", paired_ci(q["fortunes"]), f"{q['foldoc']['ppl']:.2f}", paired_ci(q["foldoc"])])  # fmt: skip
+    header = ["model", "group", "method", "wall s", "CPU s", "peak RSS GiB", "wall / llmc", "CPU / llmc", "RSS / llmc",
               "fortunes ppl", "dNLL vs llmc [95% CI]", "foldoc ppl", "dNLL vs llmc [95% CI]"]  # fmt: skip
-    return _md(header, rows)
+    return md_table(header, rows)
 
 
 def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
@@ -581,19 +535,28 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
             st, floor = timing["stages"], timing["work"]["floor_s"][key]
             rounding = rounding_s(st)
             compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding
-            cells = [st.get(k, 0.0) for k in ("calibration data", "load", "calibration", "search")] + [rounding, st.get("save", 0.0)]
+            cells = [st.get(k, 0.0) for k in ("calibration data", "calibration", "search")] + [
+                rounding,
+                st.get("save", 0.0),
+            ]
             rows.append([pair["model"], str(pair["group_size"]), method, *(f"{c:.1f}" for c in cells), *(f"{timing['work']['floor_s'][k]:.1f}" for k in ("fp32", "bf16")),
-                         f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}"])  # fmt: skip
-    header = ["model", "group", "method", "calib data s", "load s", "calibration s", "search s", "rounding s", "save s",
+                         f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}", _peaks(timing)])  # fmt: skip
+    header = ["model", "group", "method", "calib data s", "calibration s (reads the blocks)", "search s", "rounding s", "save s",
               f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
-              f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor"]  # fmt: skip
-    return _md(header, rows)
+              f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor", "peak RSS GiB: wait4 / awqkit's VmHWM"]  # fmt: skip
+    return md_table(header, rows)
+
+
+def _peaks(timing: dict) -> str:
+    """The launcher's peak (os.wait4) next to awqkit's own record of it (VmHWM): they should agree."""
+    own = timing.get("self_peak_rss_gib")
+    return f"{timing['peak_rss_gib']:.2f} / {own:.2f}" if own is not None else f"{timing['peak_rss_gib']:.2f}"
 
 
 def llmc_stages_table(pairs: list[dict]) -> str:
     rows = [[p["model"], str(p["group_size"]), *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
             for p in pairs if LLMC in p["methods"]]  # fmt: skip
-    return _md(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
+    return md_table(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
 
 
 def scaling_table(rows: list[dict], compute_dtype: str) -> str:
@@ -603,21 +566,23 @@ def scaling_table(rows: list[dict], compute_dtype: str) -> str:
         st = r["run"]["stages"]
         body.append([r["label"], f"{r['params'] / 1e6:.0f} M", f"{r['tokens']}", f"{r['search_tokens']} x {r['n_grid'] + 1}",
                      f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0) + rounding_s(st):.1f}",
-                     f"{r['floor_s'][key]:.1f}", f"{r['run']['peak_rss_gib']:.2f}", f"{r['model_gib']:.2f} + {r['block_fp32_gib']:.2f}"])  # fmt: skip
+                     f"{r['floor_s'][key]:.1f}", _peaks(r["run"]), f"{r['model_gib']:.2f}", f"{r['block_fp32_gib']:.2f}"])  # fmt: skip
     header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
-              f"{key} floor s", "peak RSS GiB", "model bf16 + one block fp32 GiB"]  # fmt: skip
-    return _md(header, body)
+              f"{key} floor s", "peak RSS GiB: wait4 / awqkit's VmHWM", "model bf16 GiB", "one block fp32 GiB"]  # fmt: skip
+    return md_table(header, body)
 
 
 def settings_lines(s: Settings) -> list[str]:
     return [
-        f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
-        f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)",
+        (f"comparison: {s.bits}-bit asymmetric, groups {','.join(map(str, s.group_sizes))}, n-grid {s.n_grid}, seed {s.seed}, "
+         f"{s.n_calib} x {s.seq_len} calibration tokens from python-doc (same file for both tools), {s.repeats} interleaved repeats (medians; peak RSS is the max)"),
+        ("measured: each quantize is its own process, started through a stdlib-only launcher; wall, CPU (user + system) and peak RSS (ru_maxrss) from os.wait4; "
+         "awqkit's stages from its awqkit-run.json"),
         f"awqkit: --compute-dtype {s.compute_dtype} (calibration forward and search products; quantization arithmetic float32)",
         f"evaluation: awqkit eval, dtype {eval_dtype(s)} (auto: as saved, bf16), first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
         f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}; its min-max observer keeps 0 inside every group's range, awqkit's does not",
-        f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
-        f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each",
+        (f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
+         f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each"),
     ]  # fmt: skip
 
 
@@ -628,17 +593,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     s, args = parse_args(argv)
     s.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"{date}; {cpu_name()}, {os.cpu_count()} cores", flush=True)
+    # a child's peak RSS must be its own, not this process's: checked before anything is measured
+    launcher = check_launcher()
+    if launcher["child_peak_mib"] > 200:
+        raise SystemExit(f"the launcher does not isolate peak RSS: {launcher}")
     rates = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
     if s.compute_dtype == "auto":
         s = replace(s, compute_dtype=max(RATE_KEYS, key=lambda dtype: rates[RATE_KEYS[dtype]]))
-    print(f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s; awqkit computes in {s.compute_dtype}", flush=True)
+    print(
+        f"matmul rates: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s; awqkit computes in {s.compute_dtype}",
+        flush=True,
+    )
     notes: list[str] = []
     pairs = [] if args.skip_compare else compare(s, args.llmc_python, rates, notes)
     scaled = scaling(s, rates) if s.scaling else []
     fitted = growth(scaled) if scaled else {}
-    report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
+    report = {"date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher,
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
               "notes": notes, "pairs": pairs, "scaling": scaled, "growth": fitted, "total_s": time.perf_counter() - started}  # fmt: skip
-    (s.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = json.dumps(report, indent=1) + "\n"
+    (s.out / "report.json").write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
 
     print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
     if scaled:
@@ -650,10 +629,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates, s.compute_dtype))
         if any(LLMC in p["methods"] for p in pairs):
             print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
-        print(f"\nwrote {s.out / 'report.json'}; total {report['total_s'] / 60:.1f} min")
+        print(
+            f"\nwrote {s.out / 'report.json'}{f' and {args.json}' if args.json else ''}; total {report['total_s'] / 60:.1f} min"
+        )
         print("\nquantize time, memory and held-out perplexity (medians)\n\n" + comparison_table(pairs))
     else:
-        print(f"\nwrote {s.out / 'report.json'}; total {report['total_s'] / 60:.1f} min")
+        print(
+            f"\nwrote {s.out / 'report.json'}{f' and {args.json}' if args.json else ''}; total {report['total_s'] / 60:.1f} min"
+        )
     return 0
 
 

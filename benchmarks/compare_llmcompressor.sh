@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark awqkit against llm-compressor's AWQ (time, CPU, peak RSS, held-out perplexity).
 #
-#   benchmarks/compare_llmcompressor.sh           # the full run (see --help for the parts)
+#   benchmarks/compare_llmcompressor.sh --json docs/compare-llmcompressor.json   # the full run, its report in docs/
 #   benchmarks/compare_llmcompressor.sh --smoke   # toy sizes, same code path
+#   benchmarks/compare_llmcompressor.sh --repeats 1 ...   # fewer timed repeats (default 3); see --help for the rest
+#
+# Every quantize runs as its own process through benchmarks/measure.py's launcher (wall, CPU and
+# peak RSS from os.wait4, the child's own); awqkit's stage seconds come from its awqkit-run.json.
+# Tables go to stdout; the full report to benchmarks/out/compare-llmcompressor/report.json (and to
+# --json, when given).
 #
 # Sets up what it needs, each step skipped when already done: the project's environment (.venv,
 # as in .ci/run), the Debian text corpora, the shipped models, and llm-compressor in its own

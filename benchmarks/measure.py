@@ -1,0 +1,210 @@
+"""Measuring commands for the benchmarks: one process's wall, CPU and peak RSS; medians; tables.
+
+    python benchmarks/measure.py        # checks the launcher: a child's peak RSS is its own
+
+Peak RSS is ``ru_maxrss`` from ``os.wait4``, taken by a tiny launcher process (stdlib only, ~10
+MB) that starts the command and waits for it. Started straight from a benchmark (a Python process
+that imported torch and may hold GBs), a child's ``ru_maxrss`` would start at the benchmark's
+peak: Linux folds the high-water mark of the memory a process had before exec (its parent's,
+copied by fork or shared by vfork) into the peak it reports. The launcher's own memory is what
+its child inherits instead, which is below any real command's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Run as ``python -I -S -c LAUNCHER OUT.json COMMAND...``: no site-packages, no .pth imports.
+LAUNCHER = """
+import json, os, subprocess, sys, time
+out, command = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+child = subprocess.Popen(command)
+_, status, usage = os.wait4(child.pid, 0)
+wall = time.perf_counter() - start
+code = os.waitstatus_to_exitcode(status)
+child.returncode = code
+with open(out, "w") as f:
+    json.dump({"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
+               "maxrss_kib": usage.ru_maxrss, "exit": code}, f)
+sys.exit(0 if code == 0 else 1)
+"""
+
+
+@dataclass
+class Run:
+    """One process: wall and CPU (user + system) seconds, peak RSS from ``os.wait4`` through the launcher."""
+
+    name: str
+    wall_s: float
+    cpu_s: float
+    peak_rss_gib: float
+    stages: dict[str, float] = field(default_factory=dict)
+    # what the program itself recorded as its peak (awqkit: VmHWM), a cross-check; None when it records none
+    self_peak_rss_gib: float | None = None
+
+
+def launcher_command(rusage_json: Path, command: Sequence[str]) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(rusage_json), *map(str, command)]
+
+
+def run_measured(name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run ``command`` to completion through the launcher, its output in ``log``.
+
+    Wall, CPU and peak RSS cover the command's process and the processes it waited for
+    (``os.wait4``'s rusage), not the launcher, and not this process.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rusage_json = log.with_name(log.name + ".rusage.json")
+    rusage_json.unlink(missing_ok=True)
+    with log.open("w") as sink:
+        result = subprocess.run(
+            launcher_command(rusage_json, command), stdout=sink, stderr=subprocess.STDOUT, env=env, check=False
+        )
+    if not rusage_json.exists():
+        raise RuntimeError(f"{name}: the launcher failed (exit {result.returncode}); end of {log}:\n{_tail(log)}")
+    usage = json.loads(rusage_json.read_text())
+    if usage["exit"] != 0:
+        raise RuntimeError(f"{name} failed (exit {usage['exit']}); end of {log}:\n{_tail(log)}")
+    return Run(name, usage["wall_s"], usage["user_s"] + usage["sys_s"], usage["maxrss_kib"] / 2**20)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def child_env(python: str | Path | None = None) -> dict[str, str]:
+    """The environment for a command; for another environment's ``python``, without this one's packages."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if python is not None and str(python) != sys.executable:
+        env.pop("VIRTUAL_ENV", None)
+        env.pop("PYTHONPATH", None)
+    return env
+
+
+def check_launcher(parent_gib: float = 1.0) -> dict[str, float]:
+    """Hold ``parent_gib`` here, then measure ``python -c pass``: its peak must be its own (tens of MB).
+
+    Also measures it without the launcher, which shows the inherited peak the launcher avoids.
+    """
+    held = bytearray(int(parent_gib * 2**30))
+    for i in range(0, len(held), 4096):  # touch every page, so it is resident
+        held[i] = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_measured("python -c pass", [sys.executable, "-c", "pass"], Path(tmp) / "pass.log")
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        _, _, direct = os.wait4(process.pid, 0)
+        process.returncode = 0  # reaped by wait4
+    del held
+    return {
+        "parent_held_gib": parent_gib,
+        "child_peak_mib": run.peak_rss_gib * 1024,
+        "child_peak_mib_direct": direct.ru_maxrss / 1024,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def median_run(runs: list[Run]) -> dict[str, Any]:
+    """Median wall, CPU and stage seconds over repeats; peak RSS is the largest."""
+    stages = sorted({k for r in runs for k in r.stages})
+    own = [r.self_peak_rss_gib for r in runs if r.self_peak_rss_gib is not None]
+    return {
+        "wall_s": statistics.median(r.wall_s for r in runs),
+        "cpu_s": statistics.median(r.cpu_s for r in runs),
+        "peak_rss_gib": max(r.peak_rss_gib for r in runs),
+        "self_peak_rss_gib": max(own) if own else None,
+        "stages": {k: statistics.median(r.stages.get(k, 0.0) for r in runs) for k in stages},
+        "runs": [asdict(r) for r in runs],
+    }
+
+
+def rotated(items: Sequence[str], shift: int) -> list[str]:
+    """Each repeat starts with a different item, so none always runs first (cold caches)."""
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares y = a + b x; with one point, the line through the origin."""
+    import numpy as np
+
+    if len(x) < 2:
+        return 0.0, y[0] / x[0]
+    b, a = np.polyfit(np.asarray(x), np.asarray(y), 1)
+    return float(a), float(b)
+
+
+def matmul_gflops(dtype: Any, tokens: int = 1024, width: int = 1024, min_seconds: float = 1.0) -> float:
+    """This machine's rate for a linear layer's product X W^T in one torch dtype, all threads torch uses.
+
+    The layout matters: on AVX2 CPUs a bf16 ``a @ b`` of two row-major matrices runs ~10x slower
+    than the same product as ``F.linear`` (the oneDNN path), and linears are what models run.
+    """
+    import torch
+
+    x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(2 * width, width, dtype=dtype)
+    torch.nn.functional.linear(x, w)  # warm-up: thread pool, kernel selection
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        torch.nn.functional.linear(x, w)
+        count += 1
+    return 2 * tokens * width * 2 * width * count / (time.perf_counter() - start) / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return f"{value / reference:.3f}" if reference else "-"
+
+
+def paired_ci(q: dict) -> str:
+    """A paired difference of mean NLL against the reference: value [95% CI], share of windows won."""
+    if q.get("dnll") is None:
+        return "(reference)"
+    low, high = q["dnll_ci"]
+    return f"{q['dnll']:+.4f} [{low:+.4f}, {high:+.4f}], wins {q['wins']:.0%}"
+
+
+def main() -> int:
+    check = check_launcher()
+    print(json.dumps(check))
+    ok = check["child_peak_mib"] < 200
+    print(f"{'PASS' if ok else 'FAIL'}: `python -c pass` through the launcher peaks at {check['child_peak_mib']:.0f} MiB "
+          f"while this process holds {check['parent_held_gib']:.1f} GiB (started directly: {check['child_peak_mib_direct']:.0f} MiB)")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
