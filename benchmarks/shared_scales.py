@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from awqkit.calibration import calibration_data
 from awqkit.checkpoint import load_model, load_tokenizer, save_quantized
 from awqkit.compare import EvalConfig, evaluate, format_table
+from awqkit.config import QuantizeConfig
 from awqkit.formats.awq_gemm import awq_gemm_weight
 from awqkit.info import checkpoint_info
-from awqkit.pipeline import QuantizeConfig, calibration_data, quantize_model, run_record
+from awqkit.pipeline import quantize_model, run_record
 from awqkit.shipped import shipped_model
 
 METHODS = {
@@ -77,7 +79,7 @@ def run_model(name: str, out: Path, base: QuantizeConfig, eval_config: EvalConfi
         start = time.perf_counter()
         result = quantize_model(model, windows, method_config, progress=False)
         seconds = time.perf_counter() - start
-        record = run_record(source, model, method_config, result)
+        record = run_record(source, str(model.dtype).removeprefix("torch."), method_config, result.layers)
         formats = ["fake", "awq", "compressed-tensors"] if method == methods[-1] and method_config.scales == "shared" else ["fake"]
         for fmt in formats:
             folder = out / name / (method if fmt == "fake" else f"{method}-{fmt}")
