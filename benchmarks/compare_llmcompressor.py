@@ -37,6 +37,7 @@ import torch
 from make_random_llama import llama_config, write_random_llama
 from make_random_llama import parse_args as random_llama_args
 from measure import (
+    CONTENDED,
     Run,
     check_launcher,
     child_env,
@@ -171,6 +172,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(HERE.parent)})")
     p.add_argument(
         "--json", type=Path, help="also write the report here (the full run's: docs/compare-llmcompressor.json)"
+    )
+    p.add_argument(
+        "--compare-from",
+        type=Path,
+        help="take the comparison from this earlier report.json of the same settings and run the rest (scaling) anew",
     )
     p.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor environment")
     args = p.parse_args(argv)
@@ -587,6 +593,53 @@ def settings_lines(s: Settings) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(report: dict, started: float, out: Path, copy: Path | None) -> None:
+    report["total_s"] = time.perf_counter() - started
+    text = json.dumps(report, indent=1) + "\n"
+    (out / "report.json").write_text(text)
+    if copy:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+
+
+# what must match for an earlier comparison to stand in a report of these settings
+COMPARISON_SETTINGS = ("models", "group_sizes", "methods", "bits", "n_calib", "seq_len", "n_grid", "seed", "repeats",
+                       "llmc_batch_size", "llmc_dtype", "compute_dtype", "eval_windows", "eval_seq_len")  # fmt: skip
+
+
+def comparison_from(path: Path, s: Settings) -> dict:
+    """An earlier report whose comparison was run with these settings (its compute dtype if ours is auto)."""
+    earlier = json.loads(path.read_text())
+    ours = asdict(replace(s, compute_dtype=earlier["settings"]["compute_dtype"]) if s.compute_dtype == "auto" else s)
+    differ = [k for k in COMPARISON_SETTINGS if json.loads(json.dumps(ours[k])) != earlier["settings"][k]]
+    if differ:
+        raise SystemExit(f"{path} was run with other settings: {', '.join(differ)}")
+    return earlier
+
+
+def contention_notes(pairs: list[dict], scaled: list[dict]) -> list[str]:
+    """Runs during which other processes used the CPUs (their timings are not this tool's alone)."""
+    runs = [Run(**r) for p in pairs for m in p["methods"].values() for r in m["runs"]]
+    runs += [Run(**r["run"]) for r in scaled]
+    checked = [r for r in runs if r.others_cpu_s is not None]
+    if not checked:
+        return []
+    scope = f"{len(checked)} runs checked"
+    if len(checked) < len(runs):
+        scope += f"; {len(runs) - len(checked)} runs of an earlier report carry no such record"
+    busy = [r for r in checked if r.contended]
+    if not busy:
+        return [f"machine quiet: other processes used under {CONTENDED:.0%} of a core during each run ({scope})"]
+    worst = ", ".join(f"{r.name} ({r.others_cpu_s:.0f} CPU-s beside {r.wall_s:.0f} s)" for r in busy)
+    return [
+        f"NOT QUIET: other processes used the CPUs during {len(busy)} runs ({scope}), whose times are inflated: {worst}"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -607,17 +660,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     notes: list[str] = []
-    pairs = [] if args.skip_compare else compare(s, args.llmc_python, rates, notes)
-    scaled = scaling(s, rates) if s.scaling else []
-    fitted = growth(scaled) if scaled else {}
-    report = {"date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher,
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
-              "notes": notes, "pairs": pairs, "scaling": scaled, "growth": fitted, "total_s": time.perf_counter() - started}  # fmt: skip
-    text = json.dumps(report, indent=1) + "\n"
-    (s.out / "report.json").write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    report: dict[str, Any] = {
+        "date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
+        "notes": notes, "pairs": [], "scaling": [], "growth": {},
+    }  # fmt: skip
+    pair_rates = rates
+    if args.compare_from:
+        earlier = comparison_from(args.compare_from, s)
+        report["pairs"], pair_rates = earlier["pairs"], earlier["matmul_gflops"]
+        report["compare_from"] = {"path": str(args.compare_from), "date": earlier["date"], "matmul_gflops": pair_rates}
+        notes += [*earlier["notes"], f"comparison from {args.compare_from} (run {earlier['date']}); scaling run {date}"]
+    elif not args.skip_compare:
+        report["pairs"] = compare(s, args.llmc_python, rates, notes)
+        write_report(report, started, s.out, args.json)  # kept if a later part fails
+    pairs = report["pairs"]
+    scaled = report["scaling"] = scaling(s, rates) if s.scaling else []
+    fitted = report["growth"] = growth(scaled) if scaled else {}
+    notes += contention_notes(pairs, scaled)
+    write_report(report, started, s.out, args.json)
 
     print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
     if scaled:
@@ -626,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"(+{fitted['calibration']['fixed_s']:.1f} s), search {fitted['search']['ns_per_param_token_alpha']:.3f} ns "
               f"per linear-param x search token x alpha (+{fitted['search']['fixed_s']:.1f} s)")  # fmt: skip
     if pairs:
-        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates, s.compute_dtype))
+        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, pair_rates, s.compute_dtype))
         if any(LLMC in p["methods"] for p in pairs):
             print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
         print(

@@ -52,6 +52,17 @@ class Run:
     stages: dict[str, float] = field(default_factory=dict)
     # what the program itself recorded as its peak (awqkit: VmHWM), a cross-check; None when it records none
     self_peak_rss_gib: float | None = None
+    # CPU seconds the rest of the machine used while it ran (/proc/stat less its own): other work on
+    # the same cores slows a run, and much more than its share where both run OpenMP thread pools
+    others_cpu_s: float | None = None
+
+    @property
+    def contended(self) -> bool:
+        return self.others_cpu_s is not None and self.others_cpu_s > CONTENDED * self.wall_s
+
+
+# Others' CPU seconds per wall second above which a run counts as sharing the machine (background: ~0.01)
+CONTENDED = 0.1
 
 
 def launcher_command(rusage_json: Path, command: Sequence[str]) -> list[str]:
@@ -67,16 +78,31 @@ def run_measured(name: str, command: Sequence[str], log: Path, env: dict[str, st
     log.parent.mkdir(parents=True, exist_ok=True)
     rusage_json = log.with_name(log.name + ".rusage.json")
     rusage_json.unlink(missing_ok=True)
+    busy_before = machine_busy_s()
     with log.open("w") as sink:
         result = subprocess.run(
             launcher_command(rusage_json, command), stdout=sink, stderr=subprocess.STDOUT, env=env, check=False
         )
     if not rusage_json.exists():
         raise RuntimeError(f"{name}: the launcher failed (exit {result.returncode}); end of {log}:\n{_tail(log)}")
+    busy_after = machine_busy_s()
     usage = json.loads(rusage_json.read_text())
     if usage["exit"] != 0:
         raise RuntimeError(f"{name} failed (exit {usage['exit']}); end of {log}:\n{_tail(log)}")
-    return Run(name, usage["wall_s"], usage["user_s"] + usage["sys_s"], usage["maxrss_kib"] / 2**20)
+    cpu = usage["user_s"] + usage["sys_s"]
+    others = None if busy_before is None or busy_after is None else max(0.0, busy_after - busy_before - cpu)
+    return Run(name, usage["wall_s"], cpu, usage["maxrss_kib"] / 2**20, others_cpu_s=others)
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds all cores have spent on anything but idling and I/O wait since boot (Linux)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, *rest = fields
+    steal = rest[0] if rest else 0
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _tail(log: Path) -> str:
@@ -121,11 +147,13 @@ def median_run(runs: list[Run]) -> dict[str, Any]:
     """Median wall, CPU and stage seconds over repeats; peak RSS is the largest."""
     stages = sorted({k for r in runs for k in r.stages})
     own = [r.self_peak_rss_gib for r in runs if r.self_peak_rss_gib is not None]
+    others = [r.others_cpu_s for r in runs if r.others_cpu_s is not None]
     return {
         "wall_s": statistics.median(r.wall_s for r in runs),
         "cpu_s": statistics.median(r.cpu_s for r in runs),
         "peak_rss_gib": max(r.peak_rss_gib for r in runs),
         "self_peak_rss_gib": max(own) if own else None,
+        "others_cpu_s": max(others) if others else None,
         "stages": {k: statistics.median(r.stages.get(k, 0.0) for r in runs) for k in stages},
         "runs": [asdict(r) for r in runs],
     }
