@@ -605,6 +605,17 @@ def write_report(report: dict, started: float, out: Path, copy: Path | None) -> 
         copy.write_text(text)
 
 
+def source_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and the files of src/ that differed from it (awqkit runs from the tree)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "src_changes": git("status", "--porcelain", "--", "src").splitlines()}
+
+
 # what must match for an earlier comparison to stand in a report of these settings
 COMPARISON_SETTINGS = ("models", "group_sizes", "methods", "bits", "n_calib", "seq_len", "n_grid", "seed", "repeats",
                        "llmc_batch_size", "llmc_dtype", "compute_dtype", "eval_windows", "eval_seq_len")  # fmt: skip
@@ -661,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     notes: list[str] = []
     report: dict[str, Any] = {
-        "date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher,
+        "date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher, "source": source_state(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
         "notes": notes, "pairs": [], "scaling": [], "growth": {},
     }  # fmt: skip
@@ -678,6 +689,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     scaled = report["scaling"] = scaling(s, rates) if s.scaling else []
     fitted = report["growth"] = growth(scaled) if scaled else {}
     notes += contention_notes(pairs, scaled)
+    if report["source"]["src_changes"]:
+        notes.append(
+            f"awqkit ran from a tree whose src/ differed from {report['source']['commit'][:12]}: {report['source']['src_changes']}"
+        )
+    if source_state() != report["source"]:
+        notes.append(f"SOURCE CHANGED DURING THE RUN: started at {report['source']}, ended at {source_state()}")
     write_report(report, started, s.out, args.json)
 
     print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
