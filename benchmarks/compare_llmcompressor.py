@@ -41,7 +41,6 @@ from measure import (
     Run,
     check_launcher,
     child_env,
-    cpu_name,
     fit_line,
     matmul_gflops,
     md_table,
@@ -54,6 +53,7 @@ from measure import (
 
 from awqkit.config import QuantizeConfig
 from awqkit.pipeline import MEASUREMENTS
+from awqkit.runtime import cpu_name
 from awqkit.shipped import SHIPPED, shipped_model
 
 HERE = Path(__file__).resolve().parent

@@ -191,19 +191,6 @@ def matmul_gflops(dtype: Any, tokens: int = 1024, width: int = 1024, min_seconds
         count += 1
     return 2 * tokens * width * 2 * width * count / (time.perf_counter() - start) / 1e9
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 # ---------------------------------------------------------------------------------------------
 # Tables
 
