@@ -12,7 +12,7 @@ from awqkit.architectures import (
 from awqkit.blockquant import module_output_error
 from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.config import QuantizeConfig
-from awqkit.folding import divide_output, fold_scales
+from awqkit.folding import divide_output, fold_normalizer, fold_scales
 from awqkit.pipeline import quantize_model
 from awqkit.quant import dequantize_groupwise
 
@@ -128,3 +128,14 @@ def test_per_linear_and_module_objective_do_not_mix():
         QuantizeConfig(format="awq").validate()
     with pytest.raises(ValueError, match="4-bit"):
         QuantizeConfig(format="awq", scales="shared", bits=3).validate()
+
+
+def test_fold_normalizer_centres_plain_folds_and_caps_offset_norms_at_one():
+    s = torch.tensor([1e-5, 1.0, 1e3])
+    linear, norm = torch.nn.Linear(3, 3), torch.nn.LayerNorm(3)
+    c = fold_normalizer(linear, s)
+    assert c == pytest.approx((1e-5 * 1e3) ** 0.5)
+    assert (s / c).max() == pytest.approx(1 / (s / c).min())  # [1/r, r] around 1
+    assert fold_normalizer(norm, s) == pytest.approx(c)  # a plain norm: the same
+    assert fold_normalizer(norm, s, norm_offset=1.0) == pytest.approx(1e3)  # (1 + w) norm: s / c <= 1
+    assert fold_normalizer(linear, s, norm_offset=1.0) == pytest.approx(c)  # the offset is a norm's only

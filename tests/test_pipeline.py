@@ -338,3 +338,22 @@ def test_fused_expert_weights_are_refused_not_half_quantized():
         pytest.skip("this transformers keeps Mixtral's experts as nn.Linear")
     with pytest.raises(UnsupportedModelError, match="outside nn.Linear.*mixture-of-experts"):
         find_decoder(model)
+
+
+def test_float16_model_with_large_activations_exports_finite_awq_scales(tokenizer, calib_text, tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import save_tiny
+
+    model_dir = save_tiny(tmp_path / "model", tokenizer, dtype=torch.float16)
+    state = load_file(model_dir / "model.safetensors")
+    embed = state["model.embed_tokens.weight"].float() * 300
+    embed[:, :8] = 0  # dead channels: s = 1e-5 there, so an unnormalised 1/s folds as 1e5 (> fp16's max)
+    state["model.embed_tokens.weight"] = embed.half()
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert _run(model_dir, out, calib_text, "--scales", "shared", "--format", "awq", "--n-grid", "10") == 0
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+    layers = json.loads((out / "awqkit.json").read_text())["layers"]
+    assert layers["model.layers.0.self_attn.q_proj"]["alpha"] > 0  # the dead channels' scales were folded

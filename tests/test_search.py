@@ -117,3 +117,16 @@ def test_stacked_linears_quantize_as_each_alone_at_the_same_scales():
     n_a, n_b = a.shape[0], b.shape[0]
     summed_squares = (alone[0].error * n_a + alone[1].error * n_b) / (n_a + n_b)
     assert abs(stacked.error - summed_squares) <= 1e-5 * stacked.error
+
+
+def test_dividing_s_by_a_constant_keeps_the_integers_and_the_stored_function():
+    # Min-max grids are scale-equivariant: W * s / c quantizes to the same integers, scales / c.
+    w, x, salience = _layer(6)
+    result = _search(w, x, salience, 10)
+    c = 37.0
+    divided = result.divided(c)
+    assert torch.equal(divided.quantized.q, result.quantized.q) and torch.equal(divided.quantized.zero, result.quantized.zero)
+    assert torch.allclose(divided.scales * c, result.scales) and divided.alpha == result.alpha
+    fresh = quantize_groupwise(w * divided.scales, 4, 16)  # the same integers from scratch, but for float ties
+    assert (fresh.q != divided.quantized.q).float().mean() < 1e-3
+    assert torch.allclose(divided.dequantized(), result.dequantized(), rtol=1e-5, atol=1e-6)

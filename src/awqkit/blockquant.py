@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from awqkit.architectures import ScaleGroup, block_linears, foldable
 from awqkit.calibration import BlockArgs, BlockVisit, LinearStats
 from awqkit.config import QuantizeConfig
-from awqkit.folding import fold_scales
+from awqkit.folding import fold_normalizer, fold_scales
 from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from awqkit.rounding import RoundingFactory, make_rounding
 from awqkit.runtime import timed
@@ -140,12 +140,13 @@ def quantize_block(
             )
         except NonFiniteError as error:
             raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
+        flipped = _flips(w, result, config)  # before the division below, which moves rounding ties
         if folds:
+            result = result.divided(fold_normalizer(visit.block.get_submodule(group.smooth), result.scales, norm_offset))
             fold_scales(visit.block, group, result.scales, norm_offset)
             visit.sync_forward()
         # Folded, the stored weight is Q(W*s) itself; otherwise Q(W*s)/s (s = 1 on the grid).
         stored = dequantize_groupwise(result.quantized) if folds else result.dequantized()
-        flipped = _flips(w, result, config)
         q = result.quantized
         parts = zip(group.balance, stored.split(sizes), q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes))
         for i, (name, weight, q_part, scale, zero) in enumerate(parts):

@@ -6,6 +6,8 @@ by s: a norm's weight (Gemma's (1 + weight) form included) or a linear's output 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -28,6 +30,22 @@ def divide_output(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) 
     bias = getattr(smooth, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.div_(s.to(bias.dtype))
+
+
+def fold_normalizer(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> float:
+    """The constant to divide s by before folding, so the folded weights stay representable.
+
+    Min-max group quantization is scale-equivariant: W * s / c has the same integers as W * s,
+    with group scales divided by c. So c changes nothing in exact arithmetic, only where the
+    stored numbers land. A plain norm or a linear's rows get c = sqrt(max(s) min(s)), as AutoAWQ
+    divides: s / c spans [1/r, r] around 1, so neither weight / s nor the fp16 AWQ scales
+    overflow where s spans many decades (dead channels at 1e-5 next to loud ones). A norm that
+    multiplies by (offset + weight), Gemma's, gets c = max(s): s / c <= 1, so the folded
+    (1 + weight) / s - 1 never approaches -1, where bf16 keeps 8 bits and would erase it.
+    """
+    if norm_offset and not isinstance(smooth, nn.Linear):
+        return float(s.max())
+    return math.sqrt(float(s.max()) * float(s.min()))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ exactly, since the bias cancels, and one product per alpha avoids subtracting tw
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -21,9 +21,8 @@ from awqkit.rounding import RoundingFactory
 def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = salience^alpha, clamped so a dead channel gets 1e-5 rather than 0 (no additive bias).
 
-    Not divided by sqrt(max(s) min(s)) as AutoAWQ does: on Gemma-3, whose norms multiply by
-    (1 + weight), that makes large s, and the folded (1 + weight) / s - 1 then rounds to -1 in
-    bf16 (shared scales, module objective: NLL 4.34 against 3.63 without, measured).
+    Not normalised here: the search's choice does not depend on a constant factor, and what
+    constant keeps folded weights representable depends on where s folds (folding.fold_normalizer).
     """
     return salience.pow(alpha).clamp(min=1e-5)
 
@@ -65,6 +64,12 @@ class SearchResult:
     def dequantized(self) -> torch.Tensor:
         """The weight to store in float: Q(W * s) / s."""
         return dequantize_groupwise(self.quantized) / self.scales
+
+    def divided(self, c: float) -> SearchResult:
+        """The same choice for s / c: the integers of W * s / c are those of W * s, group scales / c."""
+        q = self.quantized
+        divided = GroupQuantized(q.q, q.scale / c, q.zero, q.bits, q.group_size)
+        return replace(self, scales=self.scales / c, quantized=divided)
 
 
 def search_alpha(
