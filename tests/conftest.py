@@ -1,8 +1,15 @@
+"""Two tiers: the fast one (tiny random models, a tokenizer trained here, generated text) runs
+first and needs nothing shipped; tests that need a shipped model or Debian text are marked `real`
+(automatically when they use a shipped model's fixture) and run after: `pytest -m "not real"`,
+then `pytest -m real`. In the fast tier the shipped models and the Debian corpora are unreachable,
+so a fast test that quietly depends on them fails instead of passing here and nowhere else."""
+
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from awqkit.architectures import find_decoder
 from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
@@ -38,6 +45,70 @@ def walked_last_block_output(model: torch.nn.Module, windows: torch.Tensor, batc
     return torch.cat(last.outputs)
 
 
+REAL_FIXTURES = {"smollm2_dir", "gemma3_dir", "smollm2_tokenizer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+    items.sort(key=lambda item: item.get_closest_marker("real") is not None)  # fast first, also in one run
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_has_nothing_shipped(request, monkeypatch, tmp_path_factory):
+    if request.node.get_closest_marker("real"):
+        return
+    import awqkit.corpora
+    import awqkit.shipped
+
+    def unavailable(module: str, install: str) -> Path:
+        raise AssertionError(f"a fast-tier test reached the shipped package {module}: mark it real")
+
+    monkeypatch.setattr(awqkit.shipped, "_package_dir", unavailable)
+    monkeypatch.setenv("AWQKIT_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
+    absent = tmp_path_factory.mktemp("no-debian") / "absent"
+    monkeypatch.setattr(awqkit.corpora, "DEBIAN_CORPORA", {k: (pkg, absent) for k, (pkg, _) in awqkit.corpora.DEBIAN_CORPORA.items()})
+
+
+WORDS = (
+    "the a of to and in is it that for on with as was by at be this from or an are not have one "
+    "model weight scale group token block layer input output value error search grid round row "
+    "python list dict string number function class return import print loop file data text"
+).split()
+
+
+def generated_text(n_words: int, seed: int = 0) -> str:
+    """English-like text from a small vocabulary: seeded, paragraphs of sentences."""
+    rng = random.Random(seed)
+    paragraphs = []
+    while n_words > 0:
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(5)]
+        paragraphs.append(" ".join(sentences))
+        n_words -= sum(s.count(" ") + 1 for s in sentences)
+    return "\n\n".join(paragraphs)
+
+
+def trained_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on generated text, shaped like SmolLM2's (no BOS added)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator([generated_text(20_000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return trained_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     return shipped_model("smollm2")
@@ -49,27 +120,25 @@ def gemma3_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
+def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
-    """A randomly initialised two-layer Llama in bf16 with SmolLM2's tokenizer."""
+    """A randomly initialised two-layer Llama in bf16 with the generated tokenizer."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
-    from awqkit.corpora import load_corpus
-
     path = tmp_path_factory.mktemp("corpus") / "calib.txt"
-    path.write_text(load_corpus("python-doc")[:200_000])
+    path.write_text(generated_text(40_000, seed=1))
     return path
 
 
 def save_tiny(folder: Path, tokenizer, model_type: str = "llama", dtype: torch.dtype = torch.bfloat16, **overrides) -> Path:
-    """A randomly initialised model folder in ``dtype`` with SmolLM2's tokenizer."""
+    """A randomly initialised model folder in ``dtype`` with ``tokenizer``."""
     model = tiny_model(model_type, **{"hidden_act": "silu", **overrides}).to(dtype)
     model.config.dtype = dtype
     model.save_pretrained(folder)

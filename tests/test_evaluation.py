@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import generated_text, tiny_model, trained_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from awqkit.cli import main
@@ -21,7 +21,7 @@ from awqkit.evaluation import (
     win_share,
 )
 
-SMALL = ["--datasets", "fortunes", "--seq-len", "128", "--max-windows", "4"]
+SMALL = ["--seq-len", "128", "--max-windows", "4"]  # after --datasets
 
 
 def _eval(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
@@ -31,8 +31,15 @@ def _eval(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
 
 
 @pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("text") / "held-out.txt"
+    path.write_text(generated_text(30_000, seed=2))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
-    """A random two-layer float32 Llama with SmolLM2's tokenizer, and a copy with noise on every weight."""
+    """A random two-layer float32 Llama with the generated tokenizer, and a copy with noise on every weight."""
     root = tmp_path_factory.mktemp("tiny-eval")
     model = tiny_model("llama", hidden_act="silu")
     model.save_pretrained(root / "base")
@@ -50,7 +57,7 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
 
 
 def test_max_windows_tokenizes_a_prefix_without_changing_the_windows(tokenizer):
-    text = load_corpus("fortunes")[:100_000]
+    text = generated_text(20_000)
     assert torch.equal(eval_windows(tokenizer, text, 128, 4), eval_windows(tokenizer, text, 128)[:4])
 
 
@@ -100,8 +107,8 @@ def test_win_share_counts_ties_half():
 # The command
 
 
-def test_stream_perplexity_matches_transformers_loss(tmp_path, smollm2_dir, tokenizer):
-    rc, report = _eval(tmp_path, smollm2_dir, *SMALL, "--dtype", "float32")
+def test_stream_perplexity_matches_transformers_loss(tmp_path, smollm2_dir, smollm2_tokenizer):
+    rc, report = _eval(tmp_path, smollm2_dir, "--datasets", "fortunes", *SMALL, "--dtype", "float32")
     assert rc == 0
     data = report["datasets"]["fortunes"]
     assert data["bos"] is False and data["windows"] == 4 and data["tokens_per_window"] == [127] * 4
@@ -109,7 +116,7 @@ def test_stream_perplexity_matches_transformers_loss(tmp_path, smollm2_dir, toke
 
     # By hand: SmolLM2 adds no BOS, so the windows are the first 4 x 128 plain tokens.
     text = load_corpus("fortunes")
-    ids = tokenizer(text[: text.find("\n\n", 10_000)], add_special_tokens=False)["input_ids"]
+    ids = smollm2_tokenizer(text[: text.find("\n\n", 10_000)], add_special_tokens=False)["input_ids"]
     windows = torch.tensor(ids[: 4 * 128]).view(4, 128)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -126,37 +133,37 @@ def test_models_load_in_their_saved_dtype_by_default(tmp_path, smollm2_dir, caps
     assert "| bfloat16 " in capsys.readouterr().out
 
 
-def test_identical_models_tie(tmp_path, tiny_dirs):
+def test_identical_models_tie(tmp_path, tiny_dirs, held_out):
     base, _ = tiny_dirs
     twin = tmp_path / "twin"
     shutil.copytree(base, twin)
-    rc, report = _eval(tmp_path, base, twin, *SMALL, "--no-cache")
+    rc, report = _eval(tmp_path, base, twin, "--datasets", held_out, *SMALL, "--no-cache")
     assert rc == 0
-    vs = report["datasets"]["fortunes"]["results"][1]["vs_first"]
+    vs = report["datasets"][held_out]["results"][1]["vs_first"]
     assert vs["ci"][0] <= 0 <= vs["ci"][1] and vs["win_share"] == 0.5
 
 
-def test_a_degraded_model_is_detected_as_worse(tmp_path, tiny_dirs, capsys):
+def test_a_degraded_model_is_detected_as_worse(tmp_path, tiny_dirs, held_out, capsys):
     base, noisy = tiny_dirs
     plot = tmp_path / "ppl.png"
-    rc, report = _eval(tmp_path, base, noisy, *SMALL, "--plot", plot)
+    rc, report = _eval(tmp_path, base, noisy, "--datasets", held_out, *SMALL, "--plot", plot)
     assert rc == 0
-    first, second = report["datasets"]["fortunes"]["results"]
+    first, second = report["datasets"][held_out]["results"]
     assert second["vs_first"]["ci"][0] > 0 and second["vs_first"]["win_share"] == 0
     assert second["vs_first"]["mean_nll_diff"] == pytest.approx(second["mean_nll"] - first["mean_nll"])
     assert [m["dtype"] for m in report["models"]] == ["float32", "float32"]
     assert len(second["window_nll"]) == 4
     assert plot.read_bytes().startswith(b"\x89PNG")
     table = capsys.readouterr().out
-    assert "| fortunes" in table and "#2 " + str(noisy) in table
+    assert f"| {held_out}" in table and "#2 " + str(noisy) in table
 
 
-def test_samples_mode_weights_windows_by_tokens(tmp_path, tiny_dirs):
+def test_samples_mode_weights_windows_by_tokens(tmp_path, tiny_dirs, held_out):
     base, _ = tiny_dirs
     samples = ["--mode", "samples", "--n-samples", "6", "--seq-len", "48"]
-    rc, report = _eval(tmp_path, base, "--datasets", "fortunes", *samples)
+    rc, report = _eval(tmp_path, base, "--datasets", held_out, *samples)
     assert rc == 0
-    data = report["datasets"]["fortunes"]
+    data = report["datasets"][held_out]
     tokens, nll = np.array(data["tokens_per_window"]), np.array(data["results"][0]["window_nll"])
     assert data["windows"] == 6 and tokens.max() <= 47 and len(set(tokens)) > 1
     assert data["results"][0]["ppl"] == pytest.approx(math.exp((nll * tokens).sum() / tokens.sum()))
@@ -170,9 +177,9 @@ def test_samples_mode_weights_windows_by_tokens(tmp_path, tiny_dirs):
         ("tokenizers", "models with different tokenizers"),
     ],
 )
-def test_bad_input_fails_with_one_clear_line(case, message, tmp_path, tiny_dirs, gemma3_dir, capsys):
+def test_bad_input_fails_with_one_clear_line(case, message, tmp_path, tiny_dirs, held_out, capsys):
     base, _ = tiny_dirs
-    models, dataset = [base], "fortunes"
+    models, dataset = [base], held_out
     if case == "unknown":
         dataset = "no-such-corpus"
     elif case == "empty":
@@ -181,8 +188,7 @@ def test_bad_input_fails_with_one_clear_line(case, message, tmp_path, tiny_dirs,
     else:
         other = tmp_path / "other"
         shutil.copytree(base, other)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(gemma3_dir / name, other / name)
+        trained_tokenizer(vocab_size=500).save_pretrained(other)
         models.append(other)
     rc, _ = _eval(tmp_path, *models, "--datasets", dataset, "--seq-len", "32", "--max-windows", "1")
     err = capsys.readouterr().err.strip().splitlines()

@@ -18,7 +18,14 @@ from awqkit.evaluation import eval_windows, perplexity, window_nll
 from awqkit.pipeline import quantize_model, run_record
 from awqkit.quant import round_nearest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer  # this module's models are SmolLM2's
+
+
 SMALL = QuantizeConfig(n_calib=4, seq_len=128, n_grid=2, max_search_tokens=256, calib_data="python-doc")
 
 

@@ -25,7 +25,8 @@ class QuantizeConfig:
     rounding: str = "nearest"
     outlier_percent: float = 0.05
     max_search_tokens: int = 2048
-    calib_data: str = "wikitext2"
+    # Offline everywhere: the Python reference text in every CPython (see awqkit.corpora).
+    calib_data: str = "pydoc-topics"
     # Token windows [n, seq_len] saved with numpy (.npy), BOS included: used as-is instead of
     # drawing from calib_data, so other tools can calibrate on exactly the same tokens.
     calib_tokens: str | None = None

@@ -1,9 +1,15 @@
 """Which text a corpus name or path stands for.
 
+The default calibration corpus, ``pydoc-topics``, is the Python reference text that every CPython
+installation carries (``pydoc_data.topics``, what ``help("if")`` prints: ~465k characters of
+English prose with code, ~113k SmolLM2 tokens, so 220 windows of 512): it needs no network, no
+package and no Hub, so the default command runs the same offline as online. It is fixed per
+Python version (recorded in awqkit.json with the other library versions).
 Hub datasets (wikitext2, c4, agnews) load through ``datasets`` where the Hub is reachable.
-Three English corpora ship in Debian packages and work offline: ``python-doc`` (python3.11-doc),
-``fortunes`` (fortunes) and ``foldoc`` (dict-foldoc). Any .txt, .gz, .jsonl or .parquet path works
-too (records' ``text`` field). Calibrate on one corpus and evaluate on the others.
+Three English corpora ship in Debian packages and work offline: ``python-doc`` (python3.11-doc,
+which contains the pydoc topics), ``fortunes`` (fortunes) and ``foldoc`` (dict-foldoc). Any .txt,
+.gz, .jsonl or .parquet path works too (records' ``text`` field). Calibrate on one corpus and
+evaluate on the others.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ DEBIAN_CORPORA = {
     "foldoc": ("dict-foldoc", Path("/usr/share/dictd/foldoc.dict.dz")),
 }
 
-CORPUS_NAMES = (*HUB_CORPORA, *DEBIAN_CORPORA)
+PYDOC_TOPICS = "pydoc-topics"
+CORPUS_NAMES = (PYDOC_TOPICS, *HUB_CORPORA, *DEBIAN_CORPORA)
+
+
+def _pydoc_topics() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
 
 
 def _read_text(path: Path) -> str:
@@ -69,14 +82,16 @@ def _hub_corpus(name: str, split: str) -> str:
             data = load_dataset(dataset, config, split=splits[split])
     except Exception as error:  # offline, gated, renamed: datasets raises many kinds
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        offline = ", ".join(DEBIAN_CORPORA)
+        offline = ", ".join((PYDOC_TOPICS, *DEBIAN_CORPORA))
         raise FileNotFoundError(f"cannot load corpus {name!r} from the Hugging Face Hub ({first}); offline corpora: {offline}") from None
     return "\n\n".join(t for t in data[field] if t.strip())
 
 
 def load_corpus(spec: str, split: str = "test") -> str:
     """The text of a named corpus or a file; ``split`` ("train" or "test") applies to hub corpora."""
-    if spec in DEBIAN_CORPORA:
+    if spec == PYDOC_TOPICS:
+        text = _pydoc_topics()
+    elif spec in DEBIAN_CORPORA:
         package, path = DEBIAN_CORPORA[spec]
         if not path.exists():
             raise FileNotFoundError(f"corpus {spec!r} needs the Debian package {package} (apt-get install {package})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import platform
 import resource
 import time
 from contextlib import contextmanager
@@ -115,7 +116,12 @@ def library_versions() -> dict[str, str]:
 
     import awqkit
 
-    return {"awqkit": awqkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "awqkit": awqkit.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),  # the default corpus, pydoc-topics, is the stdlib's
+    }
 
 
 def cpu_name() -> str:
