@@ -20,7 +20,8 @@ import torch
 
 from awqkit.calibration import calibration_data
 from awqkit.checkpoint import load_model, load_tokenizer, save_quantized
-from awqkit.compare import EvalConfig, evaluate, format_table
+from awqkit.compare import EvalConfig, evaluate
+from awqkit.eval_table import format_table
 from awqkit.config import QuantizeConfig
 from awqkit.formats.awq_gemm import awq_gemm_weight
 from awqkit.info import checkpoint_info

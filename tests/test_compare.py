@@ -1,25 +1,18 @@
 import json
 import logging
-import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
+from test_nll_cache import INVALID
 from safetensors.torch import load_file, save_file
 
 import awqkit.compare
 from awqkit.checkpoint import load_checked_model
 from awqkit.cli import main
-from awqkit.compare import (
-    CACHE_FORMAT,
-    CachedNLL,
-    _load_cache,
-    _save_cache,
-    check_seq_len,
-    library_versions,
-)
+from awqkit.compare import check_seq_len
+from awqkit.nll_cache import load_cache, save_cache
 
 N = 4
 ARGS = ["--seq-len", "32", "--max-windows", str(N), "--batch-size", "2"]
@@ -34,7 +27,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer) -> Path:
-    """A random two-layer float32 Llama with SmolLM2's tokenizer; positions up to 64."""
+    """A random two-layer float32 Llama with the generated tokenizer; positions up to 64."""
     folder = tmp_path_factory.mktemp("tiny-compare")
     tiny_model("llama", hidden_act="silu", max_position_embeddings=64).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -54,96 +47,6 @@ def _scored(report: dict) -> dict:
     return {key: report[key] for key in ("models", "datasets")}
 
 
-def _valid(**fields) -> dict:
-    nll = np.array([2.5, 3.0, 0.0, 1.25])
-    return {
-        "format": np.array(CACHE_FORMAT),
-        "versions": np.array(json.dumps(library_versions())),
-        "dtype": np.array("float32"),
-        "nll": nll,
-        "scored": np.array([True, True, False, True]),
-        **fields,
-    }
-
-
-def test_a_saved_cache_loads_back(tmp_path):
-    path = tmp_path / "c.npz"
-    cache = CachedNLL(np.array([2.5, 3.0, 0.0, 1.25]), np.array([True, True, False, True]), "bfloat16")
-    _save_cache(path, cache)
-    loaded = _load_cache(path, N)
-    assert np.array_equal(loaded.nll, cache.nll) and np.array_equal(loaded.scored, cache.scored)
-    assert loaded.dtype == "bfloat16" and not loaded.complete
-    assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]  # no temporary file left
-
-
-def test_saves_are_synced_before_the_rename(tmp_path, monkeypatch):
-    events = []
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync"))
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
-    _save_cache(tmp_path / "c.npz", CachedNLL.empty(N))
-    # The file's data first, then the rename, then the folder entry the rename wrote.
-    assert events == ["fsync", "replace", "fsync"]
-
-
-def _junk(path: Path) -> None:
-    path.write_bytes(b"not an npz archive at all\n" * 10)
-
-
-def _truncated(path: Path) -> None:
-    np.savez(path, **_valid())
-    path.write_bytes(path.read_bytes()[:300])
-
-
-def _npy(path: Path) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, np.ones(N))
-
-
-def _fields(**fields):
-    return lambda path: np.savez(path, **_valid(**fields))
-
-
-def _without(name: str):
-    return lambda path: np.savez(path, **{k: v for k, v in _valid().items() if k != name})
-
-
-INVALID = {
-    "zero-byte": lambda path: path.write_bytes(b""),
-    "junk": _junk,
-    "truncated": _truncated,
-    "npy, not npz": _npy,
-    "negative nll": _fields(nll=np.array([2.5, -3.0, 0.0, 1.25])),
-    "nan nll": _fields(nll=np.array([2.5, np.nan, 0.0, 1.25])),
-    "inf nll": _fields(nll=np.array([2.5, np.inf, 0.0, 1.25])),
-    "wrong shape": _fields(nll=np.ones(N + 1), scored=np.ones(N + 1, dtype=bool)),
-    "float32 nll": _fields(nll=np.ones(N, dtype=np.float32)),
-    "scored not bool": _fields(scored=np.ones(N)),
-    "old format": _fields(format=np.array(CACHE_FORMAT - 1)),
-    "other torch": _fields(versions=np.array(json.dumps({**library_versions(), "torch": "0.0"}))),
-    "no dtype": _fields(dtype=np.array("not-a-dtype")),
-    "no scored mask": _without("scored"),
-    "pickled object": _fields(nll=np.array([{"a": 1}] * N, dtype=object)),
-}
-
-
-@pytest.mark.parametrize("case", INVALID)
-def test_an_invalid_cache_file_is_no_cache_with_one_warning(case, tmp_path, caplog):
-    path = tmp_path / "c.npz"
-    INVALID[case](path)
-    with caplog.at_level(logging.WARNING, logger="awqkit"):
-        cache = _load_cache(path, N)
-    assert not cache.scored.any() and np.array_equal(cache.nll, np.zeros(N)) and cache.dtype is None
-    assert len(caplog.records) == 1 and str(path) in caplog.records[0].getMessage()
-
-
-def test_the_valid_reference_file_of_those_cases_loads(tmp_path):
-    # The invalid cases above differ from this file by one field each: the checks are specific.
-    np.savez(tmp_path / "c.npz", **_valid())
-    cache = _load_cache(tmp_path / "c.npz", N)
-    assert cache.scored.tolist() == [True, True, False, True] and cache.dtype == "float32"
-
-
 @pytest.mark.parametrize("case", ["zero-byte", "junk", "truncated", "negative nll"])
 def test_a_bad_cache_file_gives_the_report_of_no_cache(case, tmp_path, model_dir, corpus, monkeypatch):
     rc, uncached = _eval(tmp_path, model_dir, corpus, "--no-cache")
@@ -154,7 +57,7 @@ def test_a_bad_cache_file_gives_the_report_of_no_cache(case, tmp_path, model_dir
     rc, report = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     assert rc == 0 and _scored(report) == _scored(uncached)
     # The file was rewritten whole: a later run needs no model.
-    assert _load_cache(path, N).complete
+    assert load_cache(path, N).complete
     monkeypatch.setattr(awqkit.compare, "load_checked_model", lambda *a: pytest.fail("model loaded"))
     rc, cached = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     assert rc == 0 and _scored(cached) == _scored(uncached)
@@ -164,10 +67,10 @@ def test_only_unscored_windows_are_scored_again(tmp_path, model_dir, corpus, mon
     cache_args = ["--cache-dir", str(tmp_path / "cache")]
     _, full = _eval(tmp_path, model_dir, corpus, *cache_args)
     [path] = (tmp_path / "cache").glob("*.npz")
-    cache = _load_cache(path, N)
+    cache = load_cache(path, N)
     cache.scored[[1, 2]] = False  # as if the run died with those windows still to do
     cache.nll[[1, 2]] = 0.0
-    _save_cache(path, cache)
+    save_cache(path, cache)
     scored_rows = []
     real = awqkit.compare.window_nll
 

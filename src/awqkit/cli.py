@@ -135,7 +135,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from awqkit.compare import EvalConfig, evaluate, format_table, plot_report
+    from awqkit.compare import EvalConfig, evaluate
+    from awqkit.eval_table import format_table, plot_report
     from awqkit.report import check_output_file
 
     for output in filter(None, (args.json, args.plot)):
