@@ -72,6 +72,11 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+# Linears whose groups are never clipped: AutoAWQ skips the query and key projections, whose
+# errors the softmax amplifies.
+UNCLIPPED = ("q_proj", "k_proj")
+
+
 @dataclass(frozen=True)
 class ScaleGroup:
     """Linears that read one tensor, and the op whose output that tensor is.

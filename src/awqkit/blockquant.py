@@ -8,21 +8,30 @@ nowhere and the stored weight is Q(W*s)/s. Search, rounding and bookkeeping are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from awqkit.architectures import ScaleGroup, block_linears, foldable
+from awqkit.architectures import UNCLIPPED, ScaleGroup, block_linears, foldable
 from awqkit.calibration import BlockArgs, BlockVisit, LinearStats
 from awqkit.config import QuantizeConfig
 from awqkit.folding import fold_normalizer, fold_scales
 from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from awqkit.rounding import RoundingFactory, make_rounding
 from awqkit.runtime import timed
-from awqkit.search import ErrorFn, NonFiniteError, SearchResult, alpha_grid, linear_output_error, search_alpha
+from awqkit.clip import clip_search
+from awqkit.search import (
+    ErrorFn,
+    NonFiniteError,
+    SearchResult,
+    alpha_grid,
+    linear_output_error,
+    scale_candidates,
+    search_scales,
+)
 
 
 @dataclass
@@ -30,6 +39,9 @@ class LayerRecord:
     alpha: float
     error: float
     flips: int | None = None
+    scaling: str = "activation"
+    clip: float | None = None  # the mean range ratio kept over the layer's groups (--clip)
+    clipped: float | None = None  # the share of its groups clipped (--clip)
 
 
 @dataclass
@@ -88,8 +100,51 @@ def _flips(w: torch.Tensor, result: SearchResult, config: QuantizeConfig) -> tor
     """Which integers the rounding moved off nearest (None for nearest rounding)."""
     if config.rounding == "nearest":
         return None
-    nearest = quantize_groupwise(w * result.scales, config.bits, config.group_size)
+    nearest = quantize_groupwise(
+        w * result.scales, config.bits, config.group_size, symmetric=config.symmetric, clip=result.clip
+    )
     return nearest.q != result.quantized.q
+
+
+def _unclipped_rows(group: ScaleGroup, sizes: list[int], device: torch.device) -> torch.Tensor:
+    """True for the stacked rows of the group's linears that are never clipped (q_proj, k_proj)."""
+    frozen = [name.rsplit(".", 1)[-1] in UNCLIPPED for name in group.balance]
+    return torch.tensor(frozen, device=device).repeat_interleave(torch.tensor(sizes, device=device))
+
+
+def _search(
+    visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig, scale_free: bool,
+    timings: dict[str, float],
+) -> SearchResult:
+    """The group's scales (s = 1 when ``scale_free``), then its clipping when asked for."""
+    stats = visit.stats[group.balance[0]]
+    error_of = _group_error(visit, group, w, sizes, config)
+    rounding = _rounding(config, stats, timings)
+    if scale_free:  # a shared group with nowhere to fold: s = 1, on the grid
+        candidates = scale_candidates("activation", [0.0], stats.mean_square())
+    else:
+        alphas = alpha_grid(config.n_grid)
+        candidates = scale_candidates(config.scaling, alphas, stats.mean_square(), stats.mean_abs(), w, config.group_size)
+    grid = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
+    result = search_scales(w, candidates, error_of, rounding=rounding, **grid)
+    if config.clip:
+        with timed(timings, "clip"):
+            frozen = _unclipped_rows(group, sizes, w.device)
+            result = clip_search(w, result, stats.search_tokens(), error_of, rounding=rounding,
+                                 symmetric=config.symmetric, frozen_rows=frozen)  # fmt: skip
+    return result
+
+
+def _record(result: SearchResult, flips: int | None, rows: slice) -> LayerRecord:
+    clip = None if result.clip is None else result.clip[rows]
+    return LayerRecord(
+        result.alpha,
+        result.error,
+        flips,
+        result.scaling,
+        None if clip is None else float(clip.float().mean()),
+        None if clip is None else float((clip < 1).float().mean()),
+    )
 
 
 def _check_groups(visit: BlockVisit, groups: tuple[ScaleGroup, ...]) -> None:
@@ -124,20 +179,11 @@ def quantize_block(
     done: dict[str, tuple[QuantizedLinear, torch.Tensor]] = {}
     for group in tqdm(list(reversed(groups)), desc=f"block {visit.index}", leave=False, disable=not progress):
         linears = [visit.block.get_submodule(name) for name in group.balance]
-        stats = visit.stats[group.balance[0]]
         w = torch.cat([linear.weight.data for linear in linears])
         sizes = [linear.out_features for linear in linears]
         folds = foldable(group, visit.block)
         try:
-            result = search_alpha(
-                w,
-                stats.mean_square(),
-                _group_error(visit, group, w, sizes, config),
-                bits=config.bits,
-                group_size=config.group_size,
-                alphas=alpha_grid(config.n_grid) if folds or not on_grid else [0.0],
-                rounding=_rounding(config, stats, timings),
-            )
+            result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings)
         except NonFiniteError as error:
             raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
         flipped = _flips(w, result, config)  # before the division below, which moves rounding ties
@@ -149,11 +195,12 @@ def quantize_block(
         stored = dequantize_groupwise(result.quantized) if folds else result.dequantized()
         q = result.quantized
         parts = zip(group.balance, stored.split(sizes), q.q.split(sizes), q.scale.split(sizes), q.zero.split(sizes))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
         for i, (name, weight, q_part, scale, zero) in enumerate(parts):
             flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
-            grid = GroupQuantized(q_part.to(torch.uint8).cpu(), scale.cpu(), zero.cpu(), q.bits, q.group_size)
-            record = LayerRecord(result.alpha, result.error, flips)
+            grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
+            record = _record(result, flips, slice(starts[i], starts[i] + sizes[i]))
             done[name] = (QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None), weight)
     for name, (_, weight) in done.items():
         visit.block.get_submodule(name).weight.data.copy_(weight)

@@ -140,19 +140,21 @@ class LinearStats:
 
     sum_x: torch.Tensor
     sum_x2: torch.Tensor
+    sum_abs_x: torch.Tensor
     count: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
         zeros = torch.zeros(in_features, dtype=torch.float64, device=device)
-        return cls(zeros, zeros.clone())
+        return cls(zeros, zeros.clone(), zeros.clone())
 
     def add(self, x: torch.Tensor, sample_rows: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         x64 = x.double()
         self.sum_x += x64.sum(dim=0)
         self.sum_x2 += x64.square().sum(dim=0)
+        self.sum_abs_x += x64.abs().sum(dim=0)
         self.count += x.shape[0]
         self.samples.append(x[sample_rows.to(x.device)])
 
@@ -162,6 +164,10 @@ class LinearStats:
     def mean_square(self) -> torch.Tensor:
         """The AWQ salience E[x_j^2]."""
         return self.sum_x2 / self.count
+
+    def mean_abs(self) -> torch.Tensor:
+        """E|x_j|, the activation side of duo scaling."""
+        return self.sum_abs_x / self.count
 
     def search_tokens(self) -> torch.Tensor:
         return torch.cat(self.samples)

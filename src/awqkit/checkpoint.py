@@ -241,7 +241,10 @@ def write_model_files(
     if generation_config is not None:
         generation_config.save_pretrained(folder)
     if format != "fake":
-        write_quantization_config(folder, format, record["config"]["bits"], record["config"]["group_size"], ignore)
+        settings = record["config"]
+        write_quantization_config(
+            folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
+        )
     tokenizer.save_pretrained(folder)
     (folder / "awqkit.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     if scales is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
 from awqkit.rounding import ROUNDINGS
+from awqkit.search import SCALINGS
 
 DEFAULTS = QuantizeConfig()
 
@@ -31,6 +32,14 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULTS.rounding)
+    p.add_argument(
+        "--scaling",
+        choices=SCALINGS,
+        default=DEFAULTS.scaling,
+        help="activation: s = E[x^2]^alpha; duo: s = E|x|^alpha / mean|W|^(1-alpha); both: search the two, keep the better",
+    )
+    p.add_argument("--clip", action="store_true", help="after the scale search, shrink each group's range where that lowers the output error")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grids: zero point 2^(bits-1) in every group")
     p.add_argument(
         "--scales",
         choices=SCALES,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from awqkit.quant import check_quant_args
 from awqkit.rounding import ROUNDINGS
+from awqkit.search import SCALINGS
 
 SCALES = ("per-linear", "shared")
 OBJECTIVES = ("linear", "module")
@@ -23,6 +24,14 @@ class QuantizeConfig:
     seq_len: int = 512
     seed: int = 42
     rounding: str = "nearest"
+    # activation: s = E[x^2]^alpha (the seed's AWQ). duo: s = E|x|^alpha / mean|W^|^(1 - alpha)
+    # (llm-compressor's default). both: the search tries the two grids and keeps the better.
+    scaling: str = "activation"
+    # After the scale search, shrink each group's range by the ratio (1 to 0.55) with the least
+    # output error, as AutoAWQ's auto_clip; never on q_proj/k_proj.
+    clip: bool = False
+    # zero = 2^(b-1) in every group (compressed-tensors' symmetric int); asymmetric min-max otherwise.
+    symmetric: bool = False
     outlier_percent: float = 0.05
     max_search_tokens: int = 2048
     # Offline everywhere: the Python reference text in every CPython (see awqkit.corpora).
@@ -58,7 +67,7 @@ class QuantizeConfig:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         if not 0.0 <= self.outlier_percent <= 1.0:
             raise ValueError(f"outlier-percent must be in [0, 1], got {self.outlier_percent}")
-        for name, allowed in (("scales", SCALES), ("objective", OBJECTIVES), ("format", FORMATS)):
+        for name, allowed in (("scales", SCALES), ("objective", OBJECTIVES), ("format", FORMATS), ("scaling", SCALINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.scales == "per-linear" and self.objective != "linear":
@@ -70,6 +79,11 @@ class QuantizeConfig:
             )
         if self.format == "awq" and self.bits != 4:
             raise ValueError(f"format awq (AutoAWQ GEMM) holds 4-bit weights only, got bits {self.bits}")
+        if self.format == "awq" and self.symmetric:
+            raise ValueError(
+                "format awq (AutoAWQ GEMM) is asymmetric: drop --symmetric, or use --format compressed-tensors, "
+                "which holds symmetric grids"
+            )
 
 
 def parse_size(size: str | int) -> int:

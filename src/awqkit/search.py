@@ -1,7 +1,9 @@
 """Which AWQ scales minimise the output error of a weight that reads one input.
 
-For alpha = i / n_grid: s = E[x^2]^alpha (clamped at 1e-5), W_hat = Q(W * s) / s, and the error is
-what the caller measures on W_hat. For one linear (or several reading the same input, stacked by
+For alpha = i / n_grid: s = E[x^2]^alpha (clamped at 1e-5; "activation" scaling) or
+s = E|x|^alpha / mean|W^|^(1 - alpha) ("duo", llm-compressor's default), W_hat = Q(W * s) / s, and
+the error is what the caller measures on W_hat. The search tries a list of candidate scales and
+keeps the first with the least error, whichever form they come from. For one linear (or several reading the same input, stacked by
 rows) it is mean((X (W - W_hat)^T)^2): that equals the MSE of X W^T + b against X W_hat^T + b
 exactly, since the bias cancels, and one product per alpha avoids subtracting two large outputs.
 """
@@ -14,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise, round_nearest
+from awqkit.quant import GroupQuantized, as_groups, from_groups, dequantize_groupwise, quantize_groupwise, round_nearest
 from awqkit.rounding import RoundingFactory
 
 
@@ -25,6 +27,54 @@ def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
     constant keeps folded weights representable depends on where s folds (folding.fold_normalizer).
     """
     return salience.pow(alpha).clamp(min=1e-5)
+
+
+SCALINGS = ("activation", "duo", "both")
+
+
+def weight_abs_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per input channel, the mean over rows of |w| / max|w| of its group: the weight side of duo.
+
+    Dividing by the group's max makes every group count alike, as llm-compressor does; an all-zero
+    group counts 0.
+    """
+    grouped = as_groups(w.abs(), group_size)
+    normalized = grouped / grouped.amax(dim=2, keepdim=True).clamp(min=1e-12)
+    return from_groups(normalized, w.shape[1]).mean(dim=0)
+
+
+def duo_scales(act_abs_mean: torch.Tensor, w_abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = E|x|^alpha / mean|W^|^(1 - alpha), both floored at 1e-5 so a dead channel stays finite."""
+    return (act_abs_mean.pow(alpha) / w_abs_mean.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+
+
+@dataclass(frozen=True)
+class ScaleCandidate:
+    scaling: str  # "activation" or "duo"
+    alpha: float
+    scales: torch.Tensor
+
+
+def scale_candidates(
+    scaling: str,
+    alphas: Sequence[float],
+    salience: torch.Tensor,
+    act_abs_mean: torch.Tensor | None = None,
+    w: torch.Tensor | None = None,
+    group_size: int = 128,
+) -> list[ScaleCandidate]:
+    """The scales the search tries: activation ones, duo ones, or both (activation first)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    candidates = []
+    if scaling in ("activation", "both"):
+        candidates += [ScaleCandidate("activation", a, awq_scales(salience, a)) for a in alphas]
+    if scaling in ("duo", "both"):
+        if act_abs_mean is None or w is None:
+            raise ValueError("duo scaling needs E|x| and the weight")
+        w_mean = weight_abs_mean(w, group_size).to(act_abs_mean.dtype)
+        candidates += [ScaleCandidate("duo", a, duo_scales(act_abs_mean, w_mean, a)) for a in alphas]
+    return candidates
 
 
 class NonFiniteError(ValueError):
@@ -59,7 +109,9 @@ class SearchResult:
     scales: torch.Tensor
     quantized: GroupQuantized  # of W * scales
     error: float
-    errors: list[float]  # one per alpha tried, in order
+    errors: list[float]  # one per candidate tried, in order
+    scaling: str = "activation"
+    clip: torch.Tensor | None = None  # per-group range ratios [out, n_groups] when clipped
 
     def dequantized(self) -> torch.Tensor:
         """The weight to store in float: Q(W * s) / s."""
@@ -67,9 +119,38 @@ class SearchResult:
 
     def divided(self, c: float) -> SearchResult:
         """The same choice for s / c: the integers of W * s / c are those of W * s, group scales / c."""
-        q = self.quantized
-        divided = GroupQuantized(q.q, q.scale / c, q.zero, q.bits, q.group_size)
-        return replace(self, scales=self.scales / c, quantized=divided)
+        return replace(self, scales=self.scales / c, quantized=replace(self.quantized, scale=self.quantized.scale / c))
+
+
+def search_scales(
+    w: torch.Tensor,
+    candidates: Sequence[ScaleCandidate],
+    error_of: ErrorFn,
+    *,
+    bits: int,
+    group_size: int,
+    rounding: RoundingFactory | None = None,
+    symmetric: bool = False,
+) -> SearchResult:
+    """Quantize ``w`` [out, in] at each candidate's scales and keep the first with the least error."""
+    rounding = rounding or (lambda scales: round_nearest)
+    if not bool(torch.isfinite(w).all()):
+        raise NonFiniteError("the weight holds NaN or infinite values")
+    best: SearchResult | None = None
+    errors: list[float] = []
+    for candidate in candidates:
+        scales = candidate.scales.to(w.dtype)
+        if not bool(torch.isfinite(scales).all()):
+            raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
+        quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales), symmetric=symmetric)
+        error = error_of(dequantize_groupwise(quantized).div_(scales))
+        if not math.isfinite(error):
+            raise NonFiniteError(f"the output error at {candidate.scaling} alpha {candidate.alpha:g} is {error}")
+        errors.append(error)
+        if best is None or error < best.error:
+            best = SearchResult(candidate.alpha, scales, quantized, error, errors, candidate.scaling)
+    assert best is not None
+    return replace(best, errors=errors)
 
 
 def search_alpha(
@@ -81,27 +162,11 @@ def search_alpha(
     group_size: int,
     alphas: Sequence[float],
     rounding: RoundingFactory | None = None,
+    symmetric: bool = False,
 ) -> SearchResult:
-    """Try each alpha for weight ``w`` [out, in] with input salience E[x^2] [in].
-
-    The first alpha with the smallest error wins, so ties go to the weaker scaling.
-    ``alphas=[0.0]`` gives s = 1: plain round-to-nearest (or greedy) with no scaling.
-    """
-    rounding = rounding or (lambda scales: round_nearest)
-    if not bool(torch.isfinite(w).all()):
-        raise NonFiniteError("the weight holds NaN or infinite values")
+    """``search_scales`` over activation scales E[x^2]^alpha: the first alpha with the smallest error
+    wins, so ties go to the weaker scaling; ``alphas=[0.0]`` is plain round-to-nearest (s = 1)."""
     if not bool(torch.isfinite(salience).all()):
         raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
-    best: SearchResult | None = None
-    errors: list[float] = []
-    for alpha in alphas:
-        scales = awq_scales(salience, alpha).to(w.dtype)
-        quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales))
-        error = error_of(dequantize_groupwise(quantized).div_(scales))
-        if not math.isfinite(error):
-            raise NonFiniteError(f"the output error at alpha {alpha:g} is {error}")
-        errors.append(error)
-        if best is None or error < best.error:
-            best = SearchResult(alpha, scales, quantized, error, errors)
-    assert best is not None
-    return SearchResult(best.alpha, best.scales, best.quantized, best.error, errors)
+    candidates = scale_candidates("activation", alphas, salience)
+    return search_scales(w, candidates, error_of, bits=bits, group_size=group_size, rounding=rounding, symmetric=symmetric)

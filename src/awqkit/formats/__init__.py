@@ -57,7 +57,9 @@ def block_tensors(
     return {prefix + name: tensors[name].contiguous() for name in sorted(tensors)}
 
 
-def write_quantization_config(folder: Path, format: str, bits: int, group_size: int, ignore: list[str]) -> None:
+def write_quantization_config(
+    folder: Path, format: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False
+) -> None:
     """Add ``format``'s quantization_config to the config.json already in ``folder``."""
     if format == "awq":
         config_path = folder / "config.json"
@@ -65,6 +67,6 @@ def write_quantization_config(folder: Path, format: str, bits: int, group_size: 
         config["quantization_config"] = awq_quantization_config(bits, group_size)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif format == "compressed-tensors":
-        write_pack_quantized_config(str(folder), bits, group_size, ignore)
+        write_pack_quantized_config(str(folder), bits, group_size, ignore, symmetric)
     else:
         raise ValueError(f"unknown packed format {format!r}; choose one of {', '.join(PACKED_FORMATS)}")

@@ -1,7 +1,8 @@
-"""compressed-tensors "pack-quantized" (asymmetric int, group strategy), written by the library.
+"""compressed-tensors "pack-quantized" (int, group strategy), written by the library.
 
 The library stores signed integers: q in 0..2^b-1 with zero point z becomes q - 2^(b-1) with zero
-point z - 2^(b-1), the same q - z. Scales are kept in the model's dtype, as llm-compressor does.
+point z - 2^(b-1), the same q - z. A symmetric grid (z = 2^(b-1)) stores no zero point. Scales are
+kept in the model's dtype, as llm-compressor does.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import torch
 from awqkit.quant import GroupQuantized
 
 
-def scheme(bits: int, group_size: int):
+def scheme(bits: int, group_size: int, symmetric: bool = False):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size)
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
     return QuantizationScheme(targets=["Linear"], weights=weights)
 
 
@@ -29,17 +30,20 @@ def pack_quantized_tensors(quantized: GroupQuantized, scale_dtype: torch.dtype) 
     # computed from the stored scale, so that division gives back q exactly.
     q_minus_zero = quantized.q.to(torch.int64) - zero.repeat_interleave(quantized.group_size, dim=1)
     weight = q_minus_zero.float() * scale.float().repeat_interleave(quantized.group_size, dim=1)
-    state = {"weight": weight, "weight_scale": scale, "weight_zero_point": (zero - offset).to(torch.int8)}
-    return dict(PackedQuantizationCompressor.compress(state, scheme(quantized.bits, quantized.group_size)))
+    state = {"weight": weight, "weight_scale": scale}
+    if not quantized.symmetric:
+        state["weight_zero_point"] = (zero - offset).to(torch.int8)
+    args = scheme(quantized.bits, quantized.group_size, quantized.symmetric)
+    return dict(PackedQuantizationCompressor.compress(state, args))
 
 
-def write_pack_quantized_config(folder: str, bits: int, group_size: int, ignore: list[str]) -> None:
+def write_pack_quantized_config(folder: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False) -> None:
     """Add quantization_config to the config.json in ``folder``, through the library."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     config = QuantizationConfig(
-        config_groups={"group_0": scheme(bits, group_size)},
+        config_groups={"group_0": scheme(bits, group_size, symmetric)},
         format="pack-quantized",
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
