@@ -304,12 +304,14 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "bad shard size": (["--max-shard-size", "lots"], "cannot read size"),
         "bad dtype": (["--dtype", "int8"], "unknown dtype"),
         "out below a file": (["--out", str(root / "a-file" / "out")], "not a folder"),
+        "symmetric awq": (["--scales", "shared", "--format", "awq", "--symmetric"], "format awq (AutoAWQ GEMM) is asymmetric"),
+        "unknown scaling": (["--scaling", "loud"], "invalid choice"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "npz calib tokens", "float calib tokens", "1-D calib tokens", "junk calib tokens", "missing calib tokens",
-    "bad shard size", "bad dtype", "out below a file",
+    "bad shard size", "bad dtype", "out below a file", "symmetric awq", "unknown scaling",
 ])  # fmt: skip
 def test_bad_quantize_inputs_are_one_line_exit_2_and_write_nothing(case, tiny_llama_dir, calib_text, tmp_path, capsys):
     inputs = tmp_path / "inputs"
@@ -357,3 +359,78 @@ def test_float16_model_with_large_activations_exports_finite_awq_scales(tokenize
     assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
     layers = json.loads((out / "awqkit.json").read_text())["layers"]
     assert layers["model.layers.0.self_attn.q_proj"]["alpha"] > 0  # the dead channels' scales were folded
+
+
+# The accuracy knobs: every one composes with both roundings, both scale modes and every format.
+MODES = {
+    "per-linear fake": [],
+    "shared module fake": ["--scales", "shared", "--objective", "module"],
+    "shared awq": ["--scales", "shared", "--format", "awq"],
+    "shared compressed-tensors": ["--scales", "shared", "--format", "compressed-tensors"],
+}
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "greedy"])
+@pytest.mark.parametrize("mode", MODES)
+def test_scaling_clip_and_symmetric_compose_with_rounding_scale_mode_and_format(mode, rounding, tiny_llama_dir, calib_text, tmp_path):
+    symmetric = [] if "awq" in mode else ["--symmetric"]
+    out = tmp_path / "out"
+    knobs = ["--scaling", "both", "--clip", *symmetric]
+    assert _run(tiny_llama_dir, out, calib_text, *MODES[mode], "--rounding", rounding, *knobs) == 0
+    record = json.loads((out / "awqkit.json").read_text())
+    assert record["config"]["scaling"] == "both" and record["config"]["clip"] and record["config"]["symmetric"] == bool(symmetric)
+    layers = record["layers"]
+    assert len(layers) == 14 and {layer["scaling"] for layer in layers.values()} <= {"activation", "duo"}
+    for name, layer in layers.items():
+        assert 0.55 <= layer["clip"] <= 1 and 0 <= layer["clipped"] <= 1, name
+        if name.endswith(("q_proj", "k_proj")):
+            assert layer["clip"] == 1 and layer["clipped"] == 0, name  # never clipped
+    assert any(layer["clipped"] > 0 for layer in layers.values())
+    if "awq" in mode:  # transformers loads AWQ only with gptqmodel; its read-back is test_formats'
+        assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values() if t.is_floating_point())
+        return
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.randint(0, 600, (1, 16), generator=torch.Generator().manual_seed(0))).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("mode", ["per-linear fake", "shared module fake"])
+def test_clipping_never_raises_a_layers_error_and_keeps_its_scales(mode, tiny_llama_dir, calib_text, tmp_path):
+    records = {}
+    for clip in ([], ["--clip"]):
+        out = tmp_path / ("clip" if clip else "plain")
+        assert _run(tiny_llama_dir, out, calib_text, *MODES[mode], "--rounding", "greedy", "--group-size", "16", *clip) == 0
+        records[bool(clip)] = json.loads((out / "awqkit.json").read_text())["layers"]
+    for name, plain in records[False].items():
+        clipped = records[True][name]
+        assert clipped["alpha"] == plain["alpha"] and clipped["scaling"] == plain["scaling"], name
+        assert clipped["error"] <= plain["error"], name
+        assert (clipped["error"] < plain["error"]) == (clipped["clipped"] > 0), name
+        assert plain["clip"] is None and plain["clipped"] is None
+
+
+def test_symmetric_compressed_tensors_loads_in_transformers_with_the_fake_weights(tiny_llama_dir, calib_text, tmp_path):
+    shared = ["--scales", "shared", "--symmetric", "--clip", "--scaling", "duo"]
+    for fmt in ("fake", "compressed-tensors"):
+        assert _run(tiny_llama_dir, tmp_path / fmt, calib_text, *shared, "--format", fmt) == 0
+    config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] is True
+    packed_tensors = load_file(tmp_path / "compressed-tensors" / "model.safetensors")
+    assert not any(name.endswith("weight_zero_point") for name in packed_tensors)
+    fake = AutoModelForCausalLM.from_pretrained(tmp_path / "fake")
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors")
+    ids = torch.randint(0, 600, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed(ids)  # decompresses on the first forward
+    fake_state, packed_state = fake.state_dict(), packed.state_dict()
+    for name, tensor in fake_state.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            assert torch.allclose(packed_state[name].float(), tensor.float(), rtol=2**-7, atol=0), name
+            # on the symmetric grid: w / scale is an integer in [-8, 7] (scale from the packed file)
+            scale = packed_tensors[name.replace(".weight", ".weight_scale")].float().repeat_interleave(32, dim=1)
+            steps = tensor.float() / scale
+            # bf16 weight and bf16 scale, each within 2^-8 relative: at most 8 steps x 2 x 2^-8 = 0.0625 apart
+            assert (steps - steps.round()).abs().max() < 0.0625 and steps.round().min() >= -8 and steps.round().max() <= 7
+        else:
+            assert torch.equal(packed_state[name], tensor), name

@@ -163,3 +163,38 @@ def test_more_bits_means_less_error():
     w = _weights(0, 32, 256)
     errors = [(w - dequantize_groupwise(quantize_groupwise(w, b, 64))).pow(2).mean() for b in range(2, 9)]
     assert all(a > b for a, b in zip(errors, errors[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    out=st.integers(1, 6),
+    inp=st.integers(1, 40),
+    group_size=st.integers(1, 48),
+    bits=st.integers(2, 8),
+    shift=st.sampled_from([0.0, -4.0, 4.0]),
+)
+def test_symmetric_grids_put_zero_at_half_the_range_and_round_trip_within_half_a_step(seed, out, inp, group_size, bits, shift):
+    w = _weights(seed, out, inp, shift)
+    qw = quantize_groupwise(w, bits, group_size, symmetric=True)
+    assert qw.symmetric and (qw.zero == 2 ** (bits - 1)).all()
+    assert qw.q.min() >= 0 and qw.q.max() <= 2**bits - 1
+    # The scale is max|w| / (2^(b-1) - 1/2), compressed-tensors' symmetric int grid.
+    absmax = w.abs().reshape(out, -1) if group_size >= inp else None
+    if absmax is not None:
+        assert torch.allclose(qw.scale[:, 0], (absmax.amax(dim=1) / (2 ** (bits - 1) - 0.5)).clamp(min=1e-8))
+    assert _step_errors(w, qw).max() <= HALF_STEP
+    assert (dequantize_groupwise(quantize_groupwise(torch.zeros(out, inp), bits, group_size, symmetric=True)) == 0).all()
+
+
+def test_clip_shrinks_each_groups_range_by_its_ratio_and_clamps_beyond():
+    w = torch.tensor([[-1.0, -0.5, 0.25, 2.0, 1.0, 0.5, -3.0, 0.0]])
+    clip = torch.tensor([[0.5, 1.0]])
+    qw = quantize_groupwise(w, 4, 4, clip=clip)
+    unclipped = quantize_groupwise(w, 4, 4)
+    assert torch.allclose(qw.scale, torch.tensor([[1.5 / 15, 4.0 / 15]]))  # [-0.5, 1.0] and [-3, 1]
+    assert torch.equal(qw.q[:, 4:], unclipped.q[:, 4:])  # ratio 1: the group as without clipping
+    w_hat = dequantize_groupwise(qw)
+    assert w_hat[0, 3].item() == pytest.approx(1.0, abs=qw.scale[0, 0].item() / 2)  # 2.0 clamps to the range's end
+    assert w_hat[0, 0].item() == pytest.approx(-0.5, abs=qw.scale[0, 0].item() / 2)
+    assert torch.equal(quantize_groupwise(w, 4, 4, clip=torch.ones(1, 2)).q, unclipped.q)

@@ -4,9 +4,13 @@ from awqkit.quant import dequantize_groupwise, quantize_groupwise
 from awqkit.search import (
     alpha_grid,
     awq_scales,
+    duo_scales,
     linear_output_error,
     output_mse,
+    scale_candidates,
     search_alpha,
+    search_scales,
+    weight_abs_mean,
 )
 
 
@@ -130,3 +134,31 @@ def test_dividing_s_by_a_constant_keeps_the_integers_and_the_stored_function():
     fresh = quantize_groupwise(w * divided.scales, 4, 16)  # the same integers from scratch, but for float ties
     assert (fresh.q != divided.quantized.q).float().mean() < 1e-3
     assert torch.allclose(divided.dequantized(), result.dequantized(), rtol=1e-5, atol=1e-6)
+
+
+def test_duo_scales_equal_the_formula_computed_literally():
+    w, x, salience = _layer(7, out=6, inp=8)
+    group_size = 4
+    act = x.double().abs().mean(dim=0)
+    # mean over rows of |w| / max|w| of the row's group, by loops
+    w_mean = torch.zeros(8, dtype=torch.float64)
+    for j in range(8):
+        g = j // group_size
+        for r in range(6):
+            w_mean[j] += abs(w[r, j].item()) / w[r, g * group_size : (g + 1) * group_size].abs().max().item() / 6
+    alpha = 0.3
+    expected = act.pow(alpha) / w_mean.pow(1 - alpha)
+    assert torch.allclose(weight_abs_mean(w, group_size).double(), w_mean, rtol=1e-6)
+    assert torch.allclose(duo_scales(act, weight_abs_mean(w, group_size).double(), alpha), expected, rtol=1e-6)
+
+
+def test_both_scalings_search_the_two_grids_and_keep_the_best_first():
+    w, x, salience = _layer(8)
+    act = x.double().abs().mean(dim=0)
+    both = scale_candidates("both", alpha_grid(4), salience, act, w, 16)
+    assert [(c.scaling, c.alpha) for c in both] == [("activation", a) for a in alpha_grid(4)] + [("duo", a) for a in alpha_grid(4)]
+    result = search_scales(w, both, linear_output_error(x, w), bits=4, group_size=16)
+    assert len(result.errors) == 10 and result.error == min(result.errors)
+    assert (result.scaling, result.alpha) == [(c.scaling, c.alpha) for c in both][result.errors.index(result.error)]
+    activation = _search(w, x, salience, 4)
+    assert result.error <= activation.error  # the activation grid is part of it

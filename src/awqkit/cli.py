@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
 from awqkit.rounding import ROUNDINGS
@@ -215,8 +215,15 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one stderr line and exit 2, like every other failure (--help has the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="awqkit", description=__doc__)
+    parser = _OneLineParser(prog="awqkit", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_quantize_parser, _eval_parser, _diff_parser, _info_parser):
@@ -232,7 +239,10 @@ COMMANDS = {"quantize": _run_quantize, "eval": _run_eval, "diff": _run_diff, "in
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, one line already printed)
+        return done.code if isinstance(done.code, int) else 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="awqkit: %(message)s")
     if args.quiet:
         import transformers
