@@ -69,7 +69,19 @@ AWQKIT_METHODS = {
     "greedy": ["--rounding", "greedy"],
     "shared-nearest": ["--scales", "shared", "--objective", "module", "--rounding", "nearest"],
     "shared-greedy": ["--scales", "shared", "--objective", "module", "--rounding", "greedy"],
-}
+    # the accuracy knobs, each on top of nearest or greedy rounding
+    "clip": ["--rounding", "nearest", "--clip"],
+    "duo": ["--rounding", "nearest", "--scaling", "duo"],
+    "both": ["--rounding", "nearest", "--scaling", "both"],
+    "greedy-clip": ["--rounding", "greedy", "--clip"],
+    "greedy-both-clip": ["--rounding", "greedy", "--scaling", "both", "--clip"],
+    "shared-greedy-clip": ["--scales", "shared", "--objective", "module", "--rounding", "greedy", "--clip"],
+    "shared-greedy-both-clip": [
+        "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--scaling", "both", "--clip",
+    ],
+}  # fmt: skip
+# llm-compressor's AWQ variants: name -> llmcompressor_awq.py --duo-scaling (llmc is its default, duo)
+LLMC_METHODS = {LLMC: "true", "llmc-activation": "false", "llmc-both": "both"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--smoke", action="store_true", help="toy sizes, one repeat: proves every step end to end")
     p.add_argument("--models", type=_names, default=d.models, help="shipped names (smollm2, gemma3) or model folders")
     p.add_argument("--group-sizes", type=_ints, default=d.group_sizes, help="pairs llm-compressor refuses are skipped")
-    p.add_argument("--methods", type=_names, default=d.methods, help=f"from {LLMC},{','.join(AWQKIT_METHODS)}")
+    p.add_argument("--methods", type=_names, default=d.methods, help=f"from {','.join([*LLMC_METHODS, *AWQKIT_METHODS])}")
     p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
     p.add_argument(
@@ -288,13 +300,14 @@ def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]
 def method_command(
     method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path
 ) -> list[str]:
-    if method == LLMC:
+    if method in LLMC_METHODS:
         # llm-compressor's n_grid counts the scalings tried, awqkit's the intervals of [0, 1]:
         # n_grid + 1 gives both the same number of candidates (identity included)
         return [
             str(llmc_python), str(HERE / "llmcompressor_awq.py"), str(folder), "--tokens", str(tokens),
             "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid + 1),
             "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--dtype", s.llmc_dtype, "--timings", str(out.with_suffix(".timings.json")),
+            "--duo-scaling", LLMC_METHODS[method],
         ]  # fmt: skip
     quant = ["--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid), "--seed", str(s.seed),
              "--calib-tokens", str(tokens), "--compute-dtype", s.compute_dtype]  # fmt: skip
@@ -308,7 +321,7 @@ def run_method(
         shutil.rmtree(out)
     command = method_command(method, folder, out, tokens, group, s, llmc_python)
     run = run_measured(method, command, log, env=child_env(command[0]))
-    if method == LLMC:
+    if method in LLMC_METHODS:
         run.stages = json.loads(out.with_suffix(".timings.json").read_text())
         return run
     return read_awqkit_record(run, out)
@@ -382,7 +395,7 @@ def compare_pair(
     )
     linear_params = sum(i * o for i, o in decoder_linears(folder))
     medians = {m: median_run(r) for m, r in runs.items()}
-    for method in medians.keys() - {LLMC}:
+    for method in medians.keys() - LLMC_METHODS.keys():
         medians[method]["work"] = work_summary(method_work(method, linear_params, s), rates)
     return {
         "model": model_label(name),
@@ -536,7 +549,7 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
     rows = []
     for pair in pairs:
         for method, timing in pair["methods"].items():
-            if method == LLMC:
+            if method in LLMC_METHODS:
                 continue
             st, floor = timing["stages"], timing["work"]["floor_s"][key]
             rounding = rounding_s(st)

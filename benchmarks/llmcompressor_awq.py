@@ -29,6 +29,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float32")
+    p.add_argument(
+        "--duo-scaling",
+        choices=("true", "false", "both"),
+        default="true",
+        help="AWQModifier's duo_scaling: true (its default, E|x|^a / mean|W|^(1-a)), false (activations only), both",
+    )
     p.add_argument("--timings", help="write stage timings (seconds) to this JSON file")
     return p.parse_args()
 
@@ -54,7 +60,7 @@ def calibration_dataset(path: str):
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()}), ids.shape
 
 
-def recipe(bits: int, group_size: int, n_grid: int) -> list:
+def recipe(bits: int, group_size: int, n_grid: int, duo_scaling: bool | str = True) -> list:
     """AWQ's scale search and folding, then min-max group quantization of every decoder linear."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -65,7 +71,7 @@ def recipe(bits: int, group_size: int, n_grid: int) -> list:
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return [
-        AWQModifier(n_grid=n_grid),
+        AWQModifier(n_grid=n_grid, duo_scaling=duo_scaling),
         QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
     ]
 
@@ -90,7 +96,7 @@ def main() -> None:
         model=model,
         tokenizer=tokenizer,
         dataset=dataset,
-        recipe=recipe(args.bits, args.group_size, args.n_grid),
+        recipe=recipe(args.bits, args.group_size, args.n_grid, {"true": True, "false": False}.get(args.duo_scaling, "both")),
         num_calibration_samples=n_windows,
         max_seq_length=seq_len,
         batch_size=args.batch_size,

@@ -128,8 +128,6 @@ def quantize_blocks(
         bar.update()
         release_freed_memory(device)
     bar.close()
-    if config.rounding in timings:
-        timings["search"] -= timings[config.rounding]
 
 
 def quantize_model(

@@ -101,13 +101,25 @@ def _glibc() -> Any:
         return None
 
 
+# Seconds spent in stages timed inside the innermost open stage, one entry per open stage.
+_nested_seconds: list[float] = []
+
+
 @contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the seconds spent inside to ``timings[stage]``, less those of stages timed within it:
+    stages never overlap (the search's own time excludes its rounding and clipping), so they sum
+    to the time spent."""
+    _nested_seconds.append(0.0)
     start = time.perf_counter()
     try:
         yield
     finally:
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        inner = _nested_seconds.pop()
+        timings[stage] = timings.get(stage, 0.0) + elapsed - inner
+        if _nested_seconds:
+            _nested_seconds[-1] += elapsed
 
 
 def library_versions() -> dict[str, str]:
