@@ -553,7 +553,7 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
                 continue
             st, floor = timing["stages"], timing["work"]["floor_s"][key]
             rounding = rounding_s(st)
-            compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding
+            compute = st.get("calibration", 0.0) + st.get("search", 0.0) + rounding + st.get("clip", 0.0)
             cells = [st.get(k, 0.0) for k in ("calibration data", "calibration", "search")] + [
                 rounding,
                 st.get("save", 0.0),

@@ -236,16 +236,20 @@ def write_model_files(
 ) -> None:
     """Everything but the weights: config (with quantization_config), tokenizer, record, scales."""
     from awqkit.formats import write_quantization_config
+    from awqkit.formats.gguf import GGUF_TYPES, write_gguf
 
-    config.save_pretrained(folder)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-    if format != "fake":
-        settings = record["config"]
-        write_quantization_config(
-            folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
-        )
-    tokenizer.save_pretrained(folder)
+    settings = record["config"]
+    if format == "gguf":  # one file holds config and tokenizer: no Hugging Face folder around it
+        write_gguf(folder, config, tokenizer, GGUF_TYPES[(settings["bits"], settings.get("symmetric", False))])
+    else:
+        config.save_pretrained(folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(folder)
+        if format != "fake":
+            write_quantization_config(
+                folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
+            )
+        tokenizer.save_pretrained(folder)
     (folder / "awqkit.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     if scales is not None:
         save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from awqkit.formats.gguf import check_gguf
 from awqkit.quant import check_quant_args
 from awqkit.rounding import ROUNDINGS
 from awqkit.search import SCALINGS
 
 SCALES = ("per-linear", "shared")
 OBJECTIVES = ("linear", "module")
-FORMATS = ("fake", "awq", "compressed-tensors")
+FORMATS = ("fake", "awq", "compressed-tensors", "gguf")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -79,6 +80,8 @@ class QuantizeConfig:
             )
         if self.format == "awq" and self.bits != 4:
             raise ValueError(f"format awq (AutoAWQ GEMM) holds 4-bit weights only, got bits {self.bits}")
+        if self.format == "gguf":
+            check_gguf(self.bits, self.group_size, self.symmetric)
         if self.format == "awq" and self.symmetric:
             raise ValueError(
                 "format awq (AutoAWQ GEMM) is asymmetric: drop --symmetric, or use --format compressed-tensors, "

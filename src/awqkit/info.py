@@ -13,6 +13,7 @@ LOADERS = {
     "awq": "transformers (with gptqmodel installed) and vLLM (awq, awq_marlin on capable GPUs)",
     "compressed-tensors": "transformers (with compressed-tensors installed; decompresses on CPU) and vLLM (compressed-tensors WNA16)",
     "fake": "any transformers or vLLM, as an ordinary float checkpoint",
+    "gguf": "llama.cpp and the tools built on it (Ollama, LM Studio); transformers with gguf_file= (de-quantizes)",
     "float": "any transformers or vLLM, as an ordinary float checkpoint",
 }
 DTYPE_BITS = {
@@ -95,8 +96,32 @@ def _quantized_linears(
     return "float", None, None, [], 0
 
 
+def _gguf_info(folder: Path, path: Path) -> CheckpointInfo:
+    """A GGUF file's quantized linears: every 2-D tensor in a block type (Q4_1, Q4_0, Q8_0)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    quantized = [t for t in reader.tensors if t.tensor_type.name in ("Q4_1", "Q4_0", "Q8_0") and t.name.startswith("blk.")]
+    types = sorted({t.tensor_type.name for t in quantized})
+    block_size = gguf.GGML_QUANT_SIZES[quantized[0].tensor_type][0] if quantized else None
+    weights = sum(int(t.n_elements) for t in quantized)
+    stored_bits = sum(int(t.n_bytes) * 8 for t in quantized)
+    bits = {"Q4_1": 4, "Q4_0": 4, "Q8_0": 8}[types[0]] if types else None
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    others = sorted({t.tensor_type.name for t in reader.tensors} - set(types))
+    return CheckpointInfo(
+        str(folder), f"gguf ({', '.join(types)})" if types else "gguf", bits, block_size, ", ".join(others) or None,
+        size, len(quantized), weights, stored_bits / weights if weights else None, LOADERS["gguf"],
+    )  # fmt: skip
+
+
 def checkpoint_info(folder: str | Path) -> CheckpointInfo:
     folder = Path(folder)
+    if (folder / "model.gguf").is_file() and not (folder / "config.json").is_file():
+        return _gguf_info(folder, folder / "model.gguf")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"not a model folder (no config.json): {folder}")
     config = _read_json(folder / "config.json")

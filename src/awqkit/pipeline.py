@@ -204,6 +204,7 @@ def quantize(
     """
     from awqkit.checkpoint import DTYPES, check_output_dir, float_linears, load_tokenizer, publish, write_model_files
     from awqkit.formats import block_tensors
+    from awqkit.formats.gguf import check_gguf_tokenizer
     from awqkit.resume import (
         clear_progress,
         fingerprint,
@@ -232,6 +233,8 @@ def quantize(
         config = replace(config, n_calib=windows.shape[0], seq_len=windows.shape[1])
     source = StreamedModel(folder, None if dtype == "auto" else DTYPES[dtype])
     _check_fits(source, config)
+    if config.format == "gguf":
+        check_gguf_tokenizer(tokenizer)
     architecture = architecture_of(source.model) if config.scales == "shared" else None
     layout = source.layout
     log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_tokens or config.calib_data)
@@ -301,6 +304,7 @@ def quantize(
 def _check_fits(source: Any, config: QuantizeConfig) -> None:
     from awqkit.architectures import block_linears
     from awqkit.formats import check_packable
+    from awqkit.formats.gguf import check_gguf_model
 
     max_positions = getattr(source.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:
@@ -308,6 +312,8 @@ def _check_fits(source: Any, config: QuantizeConfig) -> None:
     if config.format != "fake":
         linears = {n: m for block in source.layout.blocks for n, m in block_linears(block).items()}
         check_packable(config.format, linears, config.group_size)
+    if config.format == "gguf":
+        check_gguf_model(source.config)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from awqkit.formats.awq_gemm import awq_gemm_tensors, awq_quantization_config
+from awqkit.formats.gguf import gguf_blocks
 from awqkit.formats.pack_quantized import pack_quantized_tensors, write_pack_quantized_config
 from awqkit.quant import GroupQuantized
 
-PACKED_FORMATS = ("awq", "compressed-tensors")
+PACKED_FORMATS = ("awq", "compressed-tensors", "gguf")
 
 
 def check_packable(format: str, linears: dict[str, nn.Linear], group_size: int) -> None:
@@ -52,6 +53,9 @@ def block_tensors(
     if format != "fake":
         for name, q in quantized.items():
             dtype = tensors.pop(f"{name}.weight").dtype
+            if format == "gguf":  # the blocks; the file is assembled from them when the run is done
+                tensors[f"{name}.gguf"] = gguf_blocks(q)
+                continue
             packed = awq_gemm_tensors(q) if format == "awq" else pack_quantized_tensors(q, dtype)
             tensors.update({f"{name}.{key}": value for key, value in packed.items()})
     return {prefix + name: tensors[name].contiguous() for name in sorted(tensors)}

@@ -1,0 +1,246 @@
+"""GGUF, what llama.cpp and the tools built on it run, written with the ``gguf`` package from
+awqkit's own integers: no float round trip, no re-rounding by llama.cpp's quantizer.
+
+Groups of 32 map one to one onto GGUF blocks of 32 weights:
+- Q4_1 (4-bit asymmetric): fp16 ``d``, fp16 ``m``, 16 bytes of nibbles; w = d*q + m. awqkit's
+  w = (q - z)*scale is that with d = scale, m = -z*scale.
+- Q4_0 (4-bit symmetric): fp16 ``d``, 16 bytes of nibbles; w = d*(q - 8), awqkit's zero being 8.
+- Q8_0 (8-bit symmetric): fp16 ``d``, 32 int8; w = d*q with q = awqkit's q - 128.
+Nibbles: byte j of a block holds weight j in its low half and weight j + 16 in its high half.
+The fp16 rounding of d and m is the only change to the stored weights.
+
+Other tensors are written as llama.cpp's converter writes them: 1-D ones (norms) as F32, the rest
+in the checkpoint's dtype (BF16, F16 or F32); Llama's q/k rows in GGML's rotary order; Gemma's
+norms as (1 + weight), since GGML multiplies by the weight itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from awqkit.quant import GroupQuantized
+
+GROUP_SIZE = 32
+# (bits, symmetric) -> GGML type name
+GGUF_TYPES = {(4, False): "Q4_1", (4, True): "Q4_0", (8, True): "Q8_0"}
+# transformers model_type -> GGUF architecture name
+ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+GGUF_FILE = "model.gguf"
+# A BPE tokenizer's pre-tokenizer must be named for llama.cpp to split text as the model was
+# trained; it is recognised by the ids it gives this text (llama.cpp does the same with its own).
+PRETOKENIZER_PROBE = "Hello world!  It's 2026: 3.14159 apples\n\n\tcost $12,345 (¡olé!) 你好 — x==y   z"
+BPE_PRETOKENIZERS = {"892e1ee7c56b6af5b991fd6bc544bacbc9af22c51f4aceb8b29c8848a44a6c90": "smollm"}  # SmolLM2
+
+
+def check_gguf(bits: int, group_size: int, symmetric: bool) -> None:
+    """Refuse, in one line naming what works, a grid that no GGUF block type holds."""
+    works = "--group-size 32 with --bits 4 (Q4_1), --bits 4 --symmetric (Q4_0) or --bits 8 --symmetric (Q8_0)"
+    if group_size != GROUP_SIZE or (bits, symmetric) not in GGUF_TYPES:
+        grid = f"bits {bits}, group size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
+        raise ValueError(f"format gguf holds groups of 32 only as Q4_1, Q4_0 or Q8_0; {grid} is none of them: use {works}")
+
+
+def check_gguf_model(config: Any) -> None:
+    """Refuse a model whose architecture or rotary scaling this writer cannot describe to llama.cpp."""
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"format gguf supports {', '.join(sorted(set(ARCHITECTURES)))} models, not {config.model_type}")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise ValueError(f"format gguf: rotary scaling {rope['rope_type']!r} is not supported yet (default and linear are)")
+
+
+def gguf_blocks(quantized: GroupQuantized) -> torch.Tensor:
+    """The GGUF blocks of one linear's integers: uint8 [out, n_groups * block bytes]."""
+    type_name = GGUF_TYPES.get((quantized.bits, quantized.symmetric))
+    if type_name is None or quantized.group_size != GROUP_SIZE or quantized.q.shape[1] % GROUP_SIZE:
+        check_gguf(quantized.bits, quantized.group_size, quantized.symmetric)
+        raise ValueError(f"format gguf needs input sizes divisible by 32, got {quantized.q.shape[1]}")
+    out, n_groups = quantized.scale.shape
+    q = quantized.q.to(torch.int32).view(out, n_groups, GROUP_SIZE)
+    d = _fp16_bytes(quantized.scale)
+    if type_name == "Q8_0":
+        parts = [d, (q - 128).to(torch.int8).view(torch.uint8)]
+    else:
+        nibbles = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
+        parts = [d, nibbles] if type_name == "Q4_0" else [d, _fp16_bytes(-quantized.zero * quantized.scale), nibbles]
+    return torch.cat(parts, dim=2).reshape(out, -1)
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[out, n_groups] -> their fp16 little-endian bytes [out, n_groups, 2]."""
+    return values.to(torch.float16).contiguous().view(torch.uint8).view(*values.shape, 2)
+
+
+def _rope(config: Any) -> dict:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if "full_attention" in rope:  # Gemma-3 keeps one entry per attention type
+        rope = rope["full_attention"]
+    return dict(rope)
+
+
+def _rope_theta(config: Any) -> float:
+    return float(_rope(config).get("rope_theta") or getattr(config, "rope_theta", 10000.0))
+
+
+def _rotary_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Llama's q/k rows from transformers' half-split rotary layout to GGML's interleaved one."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _metadata(writer: Any, config: Any, type_name: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    rope = _rope(config)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{type_name}"))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _vocab(tokenizer: Any, folder: Path) -> tuple[Any, str]:
+    """gguf's vocabulary class for the tokenizer saved in ``folder``, and llama.cpp's pre-tokenizer name."""
+    from gguf.vocab import BpeVocab, LlamaHfVocab
+
+    try:
+        vocab = BpeVocab(folder)
+    except FileNotFoundError:
+        try:
+            return LlamaHfVocab(folder), "default"
+        except FileNotFoundError:
+            raise ValueError("format gguf: the tokenizer is neither GPT-2-style BPE nor Llama/Gemma-style BPE") from None
+    ids = tokenizer(PRETOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    if digest not in BPE_PRETOKENIZERS:
+        raise ValueError(
+            "format gguf: this BPE tokenizer's pre-tokenizer is not one awqkit can name for llama.cpp "
+            f"(probe digest {digest[:16]}); known: {', '.join(sorted(set(BPE_PRETOKENIZERS.values())))}"
+        )
+    return vocab, BPE_PRETOKENIZERS[digest]
+
+
+def check_gguf_tokenizer(tokenizer: Any) -> None:
+    """Refuse, before any work, a tokenizer the GGUF file could not describe to llama.cpp."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        _vocab(tokenizer, Path(folder))
+
+
+def _vocabulary(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """Tokens, scores, types, merges and special ids, read by gguf's own vocabulary classes."""
+    import gguf
+    from gguf.vocab import SpecialVocab
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        vocab, pre = _vocab(tokenizer, Path(folder))
+        tokens, scores, types = [], [], []
+        for text, score, token_type in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(token_type)
+        special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+        for index, token in tokenizer.added_tokens_decoder.items():
+            if index < len(types):  # llama.cpp's split: special added tokens are control, others user-defined
+                types[index] = gguf.TokenType.CONTROL if token.content in special else gguf.TokenType.USER_DEFINED
+        for index in range(len(tokens), vocab_size):  # rows of the embedding no token names
+            tokens.append(f"[PAD{index}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        writer.add_tokenizer_model(vocab.tokenizer_model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _tensor_files(folder: Path) -> dict[str, Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        return {name: folder / "model.safetensors" for name in handle.keys()}
+
+
+def _gguf_tensor(name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str) -> tuple[np.ndarray, Any]:
+    """The array to write and its GGML type (None: from the numpy dtype)."""
+    import gguf
+
+    if architecture == "llama" and name.endswith(("q_proj.gguf", "k_proj.gguf", "q_proj.weight", "k_proj.weight")):
+        heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+        tensor = _rotary_order(tensor, heads)
+    if name.endswith(".gguf"):
+        return tensor.numpy(), gguf.GGMLQuantizationType[type_name]
+    if architecture == "gemma3" and name.endswith("norm.weight"):
+        tensor = tensor.float() + 1.0
+    if tensor.dim() == 1 or tensor.dtype == torch.float32:
+        return tensor.float().numpy(), None
+    if tensor.dtype == torch.float16:
+        return tensor.numpy(), None
+    return tensor.contiguous().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
+
+
+def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Path:
+    """Turn the safetensors checkpoint in ``folder`` (quantized linears as ``<name>.gguf`` blocks)
+    into ``folder/model.gguf``, one tensor in memory at a time, and remove the safetensors."""
+    import gguf
+    from safetensors import safe_open
+
+    check_gguf_model(config)
+    architecture = ARCHITECTURES[config.model_type]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
+    files = _tensor_files(folder)
+    path = folder / GGUF_FILE
+    writer = gguf.GGUFWriter(path, architecture)
+    writer.add_name(getattr(config, "_name_or_path", "") or architecture)
+    _metadata(writer, config, type_name)
+    _vocabulary(writer, tokenizer, config.vocab_size)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(files[name], "pt") as handle:
+            return handle.get_tensor(name)
+
+    plan = []
+    for name in sorted(files):
+        target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
+        if target is None:
+            raise ValueError(f"format gguf: no GGUF name for tensor {name}")
+        suffix = ".bias" if name.endswith(".bias") else ".weight"
+        array, raw = _gguf_tensor(name, read(name), config, architecture, type_name)
+        writer.add_tensor_info(target + suffix, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
+        plan.append(name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name in plan:
+        writer.write_tensor_data(_gguf_tensor(name, read(name), config, architecture, type_name)[0])
+    writer.close()
+    for name in set(files.values()):
+        name.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    return path
