@@ -154,3 +154,13 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for path in sorted(folder.glob("model*.safetensors")):
         tensors.update(load_file(path))
     return tensors
+
+
+def loaded_pair(fake_dir: Path, packed_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' models of a fake export and a compressed-tensors one, the packed one already
+    decompressed (which happens on its first forward)."""
+    fake = AutoModelForCausalLM.from_pretrained(fake_dir)
+    packed = AutoModelForCausalLM.from_pretrained(packed_dir)
+    with torch.no_grad():
+        packed(torch.zeros(1, 4, dtype=torch.long))
+    return fake, packed

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import loaded_pair
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -126,11 +127,8 @@ def test_awq_export_reads_back_as_the_fake_weights(exports):
 
 
 def test_compressed_tensors_export_loads_in_transformers_with_the_fake_weights(exports):
-    fake = AutoModelForCausalLM.from_pretrained(exports / "fake")
-    packed = AutoModelForCausalLM.from_pretrained(exports / "compressed-tensors")
-    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        packed(ids)  # decompresses on the first forward
+    fake, packed = loaded_pair(exports / "fake", exports / "compressed-tensors")
+    ids = torch.randint(0, 600, (1, 32), generator=torch.Generator().manual_seed(0))
     fake_state, packed_state = fake.state_dict(), packed.state_dict()
     for name, tensor in fake_state.items():
         if name.startswith("model.layers.") and name.endswith("proj.weight"):

@@ -418,11 +418,9 @@ def test_symmetric_compressed_tensors_loads_in_transformers_with_the_fake_weight
     assert config["config_groups"]["group_0"]["weights"]["symmetric"] is True
     packed_tensors = load_file(tmp_path / "compressed-tensors" / "model.safetensors")
     assert not any(name.endswith("weight_zero_point") for name in packed_tensors)
-    fake = AutoModelForCausalLM.from_pretrained(tmp_path / "fake")
-    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed-tensors")
-    ids = torch.randint(0, 600, (1, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        packed(ids)  # decompresses on the first forward
+    from conftest import loaded_pair
+
+    fake, packed = loaded_pair(tmp_path / "fake", tmp_path / "compressed-tensors")
     fake_state, packed_state = fake.state_dict(), packed.state_dict()
     for name, tensor in fake_state.items():
         if name.startswith("model.layers.") and name.endswith("proj.weight"):
