@@ -217,7 +217,7 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
     files = _tensor_files(folder)
     path = folder / GGUF_FILE
     writer = gguf.GGUFWriter(path, architecture)
-    writer.add_name(getattr(config, "_name_or_path", "") or architecture)
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or architecture).name)
     _metadata(writer, config, type_name)
     _vocabulary(writer, tokenizer, config.vocab_size)
 
