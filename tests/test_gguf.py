@@ -108,3 +108,43 @@ def test_exported_gguf_loads_in_transformers_as_the_fake_quant_model(model, tmp_
     # Each weight differs by bf16 (fake) and fp16 d, m (GGUF) rounding, a few percent of a step.
     assert (a - b).abs().mean() < 0.03 * a.abs().mean()
     assert (a.argmax(dim=-1) == b.argmax(dim=-1)).float().mean() >= 0.9
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_the_vocabulary_written_is_the_one_llama_cpps_converter_wrote(model, tmp_path):
+    """Against the shipped GGUF files themselves (written by llama.cpp's converter)."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from awqkit.formats.gguf import _vocabulary
+    from awqkit.shipped import gguf_path, shipped_model
+
+    folder = shipped_model(model)
+    writer = gguf.GGUFWriter(tmp_path / "vocab.gguf", "llama")
+    _vocabulary(writer, AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder).vocab_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    ours, original = gguf.GGUFReader(tmp_path / "vocab.gguf"), gguf.GGUFReader(gguf_path(model))
+
+    def values(reader, key):
+        field = reader.fields[key]
+        return [bytes(field.parts[i]) if key.endswith("tokens") else field.parts[i][0] for i in field.data]
+
+    tokens, types = values(ours, "tokenizer.ggml.tokens"), values(ours, "tokenizer.ggml.token_type")
+    expected_tokens, expected_types = values(original, "tokenizer.ggml.tokens"), values(original, "tokenizer.ggml.token_type")
+    differ = [i for i in range(len(tokens)) if (tokens[i], types[i]) != (expected_tokens[i], expected_types[i])]
+    # Gemma's 30 whitespace pieces ("  " ...) come back from transformers' GGUF conversion as
+    # ordinary "▁▁" pieces: the only difference.
+    assert len(tokens) == len(expected_tokens) and len(differ) <= (30 if model == "gemma3" else 0)
+    for key in ("model", "pre", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token"):
+        assert ours.fields[f"tokenizer.ggml.{key}"].contents() == original.fields[f"tokenizer.ggml.{key}"].contents(), key
+    if model == "gemma3":  # SentencePiece merges by score: the normal pieces' order must be the original's
+        scores, expected = values(ours, "tokenizer.ggml.scores"), values(original, "tokenizer.ggml.scores")
+        normal = [i for i in range(len(types)) if types[i] == expected_types[i] == gguf.TokenType.NORMAL]
+        assert all(scores[a] > scores[b] for a, b in zip(normal, normal[1:]))
+        assert all(expected[a] > expected[b] for a, b in zip(normal, normal[1:]))
+    else:
+        assert len(values(ours, "tokenizer.ggml.merges")) == len(values(original, "tokenizer.ggml.merges"))

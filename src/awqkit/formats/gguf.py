@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from awqkit.calibration import bos_to_prepend
 from awqkit.quant import GroupQuantized
 
 GROUP_SIZE = 32
@@ -165,6 +166,12 @@ def _vocabulary(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         for index, token in tokenizer.added_tokens_decoder.items():
             if index < len(types):  # llama.cpp's split: special added tokens are control, others user-defined
                 types[index] = gguf.TokenType.CONTROL if token.content in special else gguf.TokenType.USER_DEFINED
+        if vocab.tokenizer_model == "llama":
+            # llama.cpp's SentencePiece-BPE tokenizer merges by piece score, which gguf's class
+            # leaves at -1000. SentencePiece scores its pieces -rank, in id order: restore that.
+            normal = [i for i, kind in enumerate(types) if kind == gguf.TokenType.NORMAL]
+            for rank, index in enumerate(normal):
+                scores[index] = -float(rank)
         for index in range(len(tokens), vocab_size):  # rows of the embedding no token names
             tokens.append(f"[PAD{index}]".encode())
             scores.append(-1000.0)
@@ -174,7 +181,11 @@ def _vocabulary(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+        special_vocab = SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+        # Said outright, as transformers tokenizes: llama.cpp's default differs between vocab types.
+        special_vocab.add_special_token["bos"] = bos_to_prepend(tokenizer) is not None
+        special_vocab.add_special_token.setdefault("eos", False)
+        special_vocab.add_to_gguf(writer, quiet=True)
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
