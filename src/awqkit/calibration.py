@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from awqkit.architectures import DecoderLayout, block_linears
+from awqkit.distributed import Workers
 from awqkit.search import NonFiniteError
 
 if TYPE_CHECKING:
@@ -136,41 +137,57 @@ def calibration_data(tokenizer: Any, config: "QuantizeConfig") -> torch.Tensor:
 
 @dataclass
 class LinearStats:
-    """Running statistics of one linear's input over all calibration tokens."""
+    """Statistics of one linear's input over all calibration tokens, kept per batch.
 
-    sum_x: torch.Tensor
-    sum_x2: torch.Tensor
-    sum_abs_x: torch.Tensor
-    count: int = 0
-    samples: list[torch.Tensor] = field(default_factory=list)
+    Each batch adds float64 sums of x, x^2 and |x| and its share of the search tokens; the totals
+    add the batches up in batch order, so workers that each ran some batches and then pooled
+    them (``merge``) hold exactly what one worker running them all would.
+    """
+
+    in_features: int
+    device: torch.device | str = "cpu"
+    # batch -> (sum x, sum x^2, sum |x|, tokens, search-token rows)
+    batches: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
-        zeros = torch.zeros(in_features, dtype=torch.float64, device=device)
-        return cls(zeros, zeros.clone(), zeros.clone())
+        return cls(in_features, device)
 
-    def add(self, x: torch.Tensor, sample_rows: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, sample_rows: torch.Tensor, batch: int | None = None) -> None:
         x = x.reshape(-1, x.shape[-1])
         x64 = x.double()
-        self.sum_x += x64.sum(dim=0)
-        self.sum_x2 += x64.square().sum(dim=0)
-        self.sum_abs_x += x64.abs().sum(dim=0)
-        self.count += x.shape[0]
-        self.samples.append(x[sample_rows.to(x.device)])
+        batch = len(self.batches) if batch is None else batch
+        sums = (x64.sum(dim=0), x64.square().sum(dim=0), x64.abs().sum(dim=0))
+        self.batches[batch] = (*sums, x.shape[0], x[sample_rows.to(x.device)])
+
+    def merge(self, batches: dict[int, tuple]) -> None:
+        """Take in batches run elsewhere (on the CPU), moved to this statistic's device."""
+        for batch, (s1, s2, s_abs, count, rows) in batches.items():
+            self.batches[batch] = (s1.to(self.device), s2.to(self.device), s_abs.to(self.device), count, rows.to(self.device))
+
+    def _total(self, part: int) -> torch.Tensor:
+        total = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
+        for batch in sorted(self.batches):
+            total += self.batches[batch][part]
+        return total
+
+    @property
+    def count(self) -> int:
+        return sum(entry[3] for entry in self.batches.values())
 
     def mean(self) -> torch.Tensor:
-        return self.sum_x / self.count
+        return self._total(0) / self.count
 
     def mean_square(self) -> torch.Tensor:
         """The AWQ salience E[x_j^2]."""
-        return self.sum_x2 / self.count
+        return self._total(1) / self.count
 
     def mean_abs(self) -> torch.Tensor:
         """E|x_j|, the activation side of duo scaling."""
-        return self.sum_abs_x / self.count
+        return self._total(2) / self.count
 
     def search_tokens(self) -> torch.Tensor:
-        return torch.cat(self.samples)
+        return torch.cat([self.batches[batch][4] for batch in sorted(self.batches)])
 
 
 BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keyword args
@@ -178,23 +195,26 @@ BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keywo
 
 @dataclass
 class BlockInputs:
-    """What enters the blocks: block 0's hidden states and each block's own arguments, per batch."""
+    """What enters the blocks: block 0's hidden states and each block's own arguments, per batch
+    held here (all of them, or a worker's share: ``batches`` names them), and every batch's size."""
 
     hidden: list[torch.Tensor]
     args: list[list[BlockArgs]]
+    batches: list[int]  # the batches held, in order
+    batch_tokens: list[int]  # tokens in every batch of the run, held here or not
 
     def to(self, device: torch.device) -> "BlockInputs":
-        return BlockInputs(_to(self.hidden, device), _to(self.args, device))
+        return BlockInputs(moved(self.hidden, device), moved(self.args, device), self.batches, self.batch_tokens)
 
 
-def _to(value: Any, device: torch.device) -> Any:
+def moved(value: Any, device: torch.device | str) -> Any:
     """Tensors inside nested tuples, lists and dicts moved to ``device``; anything else as is."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(moved(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: moved(v, device) for k, v in value.items()}
     return value
 
 
@@ -203,9 +223,14 @@ class _PastLastBlock(Exception):
 
 
 def capture_block_inputs(
-    layout: DecoderLayout, windows: torch.Tensor, batch_size: int, dtype: torch.dtype
+    layout: DecoderLayout,
+    windows: torch.Tensor,
+    batch_size: int,
+    dtype: torch.dtype,
+    batches: Sequence[int] | None = None,
 ) -> BlockInputs:
-    """Hidden states entering block 0, and the arguments each block receives, per batch.
+    """Hidden states entering block 0, and the arguments each block receives, per batch of
+    ``batch_size`` windows (only ``batches``, a worker's share, when given).
 
     Arguments are captured per block, not once at block 0: models that alternate attention types
     (Gemma3: sliding vs full, with different rotary bases and masks) pass each block its own.
@@ -229,12 +254,14 @@ def capture_block_inputs(
         return forward
 
     per_block: list[list[BlockArgs]] = [[] for _ in layout.blocks]
+    all_batches = windows.split(batch_size)
+    held = list(range(len(all_batches))) if batches is None else list(batches)
     for index, block in enumerate(layout.blocks):
         block.forward = pass_through(index)
     try:
         embed = layout.decoder.get_input_embeddings()
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in (all_batches[b] for b in held):
                 records.clear()
                 try:
                     layout.decoder(inputs_embeds=embed(batch.to(embed.weight.device)).to(dtype), use_cache=False)
@@ -245,7 +272,7 @@ def capture_block_inputs(
     finally:
         for block in layout.blocks:
             del block.forward
-    return BlockInputs(first_inputs, per_block)
+    return BlockInputs(first_inputs, per_block, held, [b.numel() for b in all_batches])
 
 
 # Block index -> the block's parameters and persistent buffers as stored (CPU, checkpoint dtype).
@@ -297,6 +324,20 @@ def _check_finite(state: dict[str, torch.Tensor], index: int) -> None:
             raise NonFiniteError(f"block {index} {name} holds NaN or infinite values")
 
 
+def _pool(
+    stats: dict[str, LinearStats], module_inputs: dict[str, BlockArgs], workers: Workers, device: torch.device
+) -> dict[str, BlockArgs]:
+    """Every worker's batches into every worker's statistics; the module inputs of batch 0 (worker
+    0's first) to all. Returns the module inputs."""
+    owners = {id(s): name for name, s in stats.items()}  # one entry per shared statistic
+    local = {name: moved(stats[name].batches, "cpu") for name in owners.values()}
+    for rank, theirs in enumerate(workers.everyones(local)):
+        if rank != workers.rank:
+            for name, batches in theirs.items():
+                stats[name].merge(batches)
+    return moved(workers.broadcast(moved(module_inputs, "cpu")), device)
+
+
 def walk_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -307,19 +348,20 @@ def walk_blocks(
     record_modules: Sequence[str] = (),
     block_state: BlockState | None = None,
     start: int = 0,
+    workers: Workers = Workers(),
 ) -> Iterator[BlockVisit]:
     """Visit the blocks from ``start`` on, one at a time, with the input statistics of their linears.
 
     Each block is loaded from ``block_state`` (the model's own blocks by default), copied to
     ``device`` in float32 for the caller to quantize, and run in ``compute_dtype``. ``inputs``
-    holds the hidden states entering block ``start``. Only the visited block is in memory.
+    holds the hidden states entering block ``start`` for the batches this worker runs; the
+    statistics pool every worker's batches. Only the visited block is in memory.
     """
     device = torch.device(device)
     block_state = block_state or in_memory_state(layout)
     inputs = inputs.to(device)
     hidden = inputs.hidden
-    tokens_per_batch = [h.shape[0] * h.shape[1] for h in hidden]
-    starts = torch.tensor([0] + tokens_per_batch).cumsum(0)
+    starts = torch.tensor([0] + inputs.batch_tokens).cumsum(0)
     rows_per_batch = [
         search_indices[(search_indices >= lo) & (search_indices < hi)] - lo
         for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist())
@@ -335,7 +377,7 @@ def walk_blocks(
         linears = block_linears(forward)
         stats = {name: LinearStats.empty(linear.in_features, device) for name, linear in linears.items()}
         module_inputs: dict[str, BlockArgs] = {}
-        batch: dict[str, Any] = {"rows": rows_per_batch[0], "seen": []}
+        batch: dict[str, Any] = {"id": 0, "rows": rows_per_batch[0], "seen": []}
 
         def record(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
@@ -345,7 +387,7 @@ def walk_blocks(
                 shared = next((owner for seen, owner in batch["seen"] if seen is x), None)
                 if shared is None:
                     batch["seen"].append((x, name))
-                    stats[name].add(x, batch["rows"])
+                    stats[name].add(x, batch["rows"], batch["id"])
                 else:
                     stats[name] = stats[shared]
 
@@ -365,13 +407,15 @@ def walk_blocks(
         outputs = []
         try:
             with torch.no_grad():
-                for b, (h, (args, kwargs)) in enumerate(zip(hidden, inputs.args[index])):
-                    batch["rows"], batch["seen"] = rows_per_batch[b], []
+                for b, h, (args, kwargs) in zip(inputs.batches, hidden, inputs.args[index]):
+                    batch["id"], batch["rows"], batch["seen"] = b, rows_per_batch[b], []
                     out = forward(h, *args, **kwargs)
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
             for handle in handles:
                 handle.remove()
             batch["seen"] = []
+        if workers.world > 1:
+            module_inputs = _pool(stats, module_inputs, workers, device)
         yield BlockVisit(index, block, forward, stats, module_inputs, outputs, stored_dtypes)
         hidden = outputs

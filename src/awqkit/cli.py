@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
 from typing import Any, NoReturn
 
 from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
+from awqkit.distributed import WorkerStopped
 from awqkit.rounding import ROUNDINGS
 from awqkit.search import SCALINGS
 
@@ -102,7 +105,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     alphas = [layer.alpha for layer in result.layers.values()]
-    print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, worker 0 wrote the folder
+        print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}")
     return 0
 
 
@@ -237,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"quantize": _run_quantize, "eval": _run_eval, "diff": _run_diff, "info": _run_info}
 
 
+class _StoppedByTorchrun(Exception):
+    """SIGTERM from torchrun's agent: another worker failed, so this one is stopped."""
+
+
+def _stopped_by_torchrun(signum: int, frame: Any) -> None:
+    raise _StoppedByTorchrun
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -255,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     # its traceback.
     from safetensors import SafetensorError
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun stops the other workers with SIGTERM when one fails: say so, once each, in one line.
+        signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, OSError, SafetensorError, ImportError) as error:
@@ -262,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"awqkit: error: {message or type(error).__name__}", file=sys.stderr)
         return 2
+    except WorkerStopped as error:  # under torchrun
+        print(f"awqkit: error: worker {os.environ.get('RANK')}: {error}", file=sys.stderr)
+        return 2
+    except _StoppedByTorchrun:
+        print(f"awqkit: error: worker {os.environ.get('RANK')}: stopped by torchrun, another worker of this run stopped", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         # A quantize run keeps its finished blocks: the same command continues from them.
         print("awqkit: interrupted; run the same command again to continue", file=sys.stderr)

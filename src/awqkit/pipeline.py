@@ -36,6 +36,7 @@ from awqkit.calibration import (
     walk_blocks,
 )
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
+from awqkit.distributed import Workers, start_workers
 from awqkit.quant import GroupQuantized
 from awqkit.runtime import (
     cpu_name,
@@ -92,9 +93,10 @@ def quantize_blocks(
     start: int = 0,
     timings: dict[str, float],
     progress: bool = True,
+    workers: Workers = Workers(),
 ) -> None:
     """The one block walk: every block from ``start`` calibrated, searched, quantized, handed on."""
-    n_tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    n_tokens = sum(inputs.batch_tokens)
     steps = walk_blocks(
         layout,
         inputs,
@@ -104,6 +106,7 @@ def quantize_blocks(
         record_modules=_module_names(config, architecture),
         block_state=block_state,
         start=start,
+        workers=workers,
     )
     groups = _scale_groups(config, architecture)
     norm_offset = architecture.norm_offset if architecture is not None else 0.0
@@ -221,7 +224,8 @@ def quantize(
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
-    compute_device = resolve_device(device)
+    workers, compute_device = start_workers(resolve_device(device))
+    progress = progress and workers.writes
     out = check_output_dir(out_dir, overwrite)
     folder = resolve_model_folder(model_name_or_path)
     check_output_dir(out_dir, overwrite, inputs=(folder,))
@@ -240,47 +244,59 @@ def quantize(
     log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_tokens or config.calib_data)
 
     partial = partial_folder(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    run = open_partial(partial, fingerprint({
+    run_fingerprint = fingerprint({
         "awqkit": library_versions(), "config": asdict(config), "dtype": dtype, "device": str(compute_device),
         "source": source.files.identity(), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-        "max_shard_bytes": max_shard_bytes,
-    }))  # fmt: skip
-    writer = ShardWriter(partial, "model", max_shard_bytes, run.writers.get("model"))
-    scales_writer = ShardWriter(partial, "awq_scales", state=run.writers.get("scales"))
+        "max_shard_bytes": max_shard_bytes, "workers": workers.world,
+    })  # fmt: skip
+    if workers.writes:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        run = open_partial(partial, run_fingerprint)
+        writer = ShardWriter(partial, "model", max_shard_bytes, run.writers.get("model"))
+        scales_writer = ShardWriter(partial, "awq_scales", state=run.writers.get("scales"))
+    run = workers.broadcast(run if workers.writes else None)
+    n_batches = -(-windows.shape[0] // config.batch_size)
     with timed(timings, "calibration"):
         source.materialize_decoder()
-        inputs = capture_block_inputs(layout, windows, config.batch_size, getattr(torch, config.compute_dtype))
+        dtype_of_products = getattr(torch, config.compute_dtype)
+        inputs = capture_block_inputs(layout, windows, config.batch_size, dtype_of_products, workers.batches(n_batches))
         source.release_decoder()
     if run.next_block == 0:
-        with timed(timings, "save"):
-            writer.add(source.read(source.non_block_names()))
+        if workers.writes:
+            with timed(timings, "save"):
+                writer.add(source.read(source.non_block_names()))
     else:
-        inputs.hidden = load_hidden(partial, run.next_block)
+        inputs.hidden = load_hidden(partial, run.next_block, workers)
 
     def write_block(visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
         prefix = source.block_prefix(visit.index)
         with timed(timings, "save"):
-            quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
-            writer.add(block_tensors(prefix, visit.stored_state(), quantized, config.format))
-            scales_writer.add({prefix + name: linear.scales for name, linear in linears.items()})
             run.layers.update({prefix + name: asdict(linear.record) for name, linear in linears.items()})
             run.blocks.append(measured)
             run.stored_dtype = run.stored_dtype or _dtype_name(visit.stored_dtypes[f"{next(iter(linears))}.weight"])
             run.next_block = visit.index + 1
-            run.writers = {"model": writer.state(), "scales": scales_writer.state()}
-            save_progress(partial, run, visit.outputs)
-            writer.saved(), scales_writer.saved()
+            if workers.writes:
+                quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
+                writer.add(block_tensors(prefix, visit.stored_state(), quantized, config.format))
+                scales_writer.add({prefix + name: linear.scales for name, linear in linears.items()})
+                run.writers = {"model": writer.state(), "scales": scales_writer.state()}
+            save_progress(partial, run, visit.outputs, workers)
+            if workers.writes:
+                writer.saved(), scales_writer.saved()
 
     try:
         quantize_blocks(
             layout, inputs, config, write_block, architecture=architecture, device=compute_device,
-            block_state=source.block_state, start=run.next_block, timings=timings, progress=progress,
+            block_state=source.block_state, start=run.next_block, timings=timings, progress=progress, workers=workers,
         )  # fmt: skip
     except ValueError:
         # Bad input (a NaN weight, say) fails the same way again: nothing to resume, nothing kept.
-        shutil.rmtree(partial, ignore_errors=True)
+        if workers.writes:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
+    result = QuantizeResult({name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks)
+    if not workers.writes:
+        return result
     with timed(timings, "save"):
         clear_progress(partial)
         writer.finish()
@@ -288,7 +304,6 @@ def quantize(
         record = run_record(model_name_or_path, run.stored_dtype or "", config, run.layers)
         generation = _generation_config(folder)
         write_model_files(partial, source.config, generation, tokenizer, record, None, config.format, float_linears(source.model))
-    result = QuantizeResult({name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks)
     result.peak_rss_gib = peak_rss_gib()
     _write_measurements(partial, result, compute_device)
     publish(partial, out, overwrite)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from awqkit.distributed import Workers
+
 log = logging.getLogger("awqkit")
 
 STATE = "awqkit-resume.json"
@@ -46,8 +48,10 @@ class Progress:
     stored_dtype: str | None = None
 
 
-def _hidden_path(folder: Path, block: int) -> Path:
-    return folder / f"hidden-{block:05d}.safetensors"
+def _hidden_path(folder: Path, block: int, workers: Workers = Workers()) -> Path:
+    """Each worker keeps the hidden states of its own batches."""
+    share = f"-{workers.rank}-of-{workers.world}" if workers.world > 1 else ""
+    return folder / f"hidden-{block:05d}{share}.safetensors"
 
 
 def open_partial(folder: Path, run_fingerprint: str) -> Progress:
@@ -87,18 +91,23 @@ def _write_json(path: Path, value: dict) -> None:
     tmp.rename(path)
 
 
-def save_progress(folder: Path, progress: Progress, hidden: list[torch.Tensor]) -> None:
-    """Commit: the hidden states entering ``progress.next_block``, then the JSON that names them."""
+def save_progress(folder: Path, progress: Progress, hidden: list[torch.Tensor], workers: Workers = Workers()) -> None:
+    """Commit: every worker's hidden states entering ``progress.next_block``, then (worker 0) the
+    JSON that names them."""
     save_file({f"batch.{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden)},
-              str(_hidden_path(folder, progress.next_block)))  # fmt: skip
+              str(_hidden_path(folder, progress.next_block, workers)))  # fmt: skip
+    workers.barrier()
+    if not workers.writes:
+        return
     _write_json(folder / STATE, progress.__dict__)
+    current = {_hidden_path(folder, progress.next_block, Workers(rank, workers.world)) for rank in range(workers.world)}
     for path in folder.glob("hidden-*.safetensors"):
-        if path != _hidden_path(folder, progress.next_block):
+        if path not in current:
             path.unlink()
 
 
-def load_hidden(folder: Path, block: int) -> list[torch.Tensor]:
-    tensors = load_file(str(_hidden_path(folder, block)))
+def load_hidden(folder: Path, block: int, workers: Workers = Workers()) -> list[torch.Tensor]:
+    tensors = load_file(str(_hidden_path(folder, block, workers)))
     return [tensors[f"batch.{i}"] for i in range(len(tensors))]
 
 

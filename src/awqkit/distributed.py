@@ -1,0 +1,88 @@
+"""Several torch.distributed workers on one run: who holds which calibration batches, and how
+what they measured meets.
+
+``torchrun --nproc-per-node N -m awqkit quantize ...`` starts N workers (NCCL between GPUs, gloo
+between CPUs; several nodes with torchrun's rendezvous flags). Calibration batch b belongs to
+worker b mod N, which alone runs it through the blocks and keeps its hidden states. The per-batch
+statistics are gathered and summed in batch order, so every worker holds exactly the sums one
+worker would have: the search then chooses the same scales everywhere, and worker 0 writes the
+checkpoint. Without torchrun's environment there is one worker and nothing here communicates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class WorkerStopped(RuntimeError):
+    """A collective failed: another worker of the run stopped (killed, out of memory, an error)."""
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as error:  # gloo and NCCL report a lost peer as a RuntimeError
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise WorkerStopped(f"another worker of this run stopped ({first[:200]})") from None
+
+
+@dataclass(frozen=True)
+class Workers:
+    rank: int = 0
+    world: int = 1
+
+    def batches(self, n_batches: int) -> list[int]:
+        """The calibration batches this worker runs."""
+        return list(range(self.rank, n_batches, self.world))
+
+    @property
+    def writes(self) -> bool:
+        """Worker 0 writes the checkpoint; the others compute the same choices and write nothing."""
+        return self.rank == 0
+
+    def everyones(self, value: Any) -> list[Any]:
+        """Every worker's ``value``, in rank order, on every worker (send CPU tensors)."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        with _collective():
+            dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: Any, source: int = 0) -> Any:
+        """``value`` as worker ``source`` holds it, on every worker."""
+        if self.world == 1:
+            return value
+        box = [value]
+        with _collective():
+            dist.broadcast_object_list(box, src=source)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            with _collective():
+                dist.barrier()
+
+
+def start_workers(device: torch.device) -> tuple[Workers, torch.device]:
+    """This process's place among torchrun's workers, and its device (``cuda:LOCAL_RANK`` on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Workers(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A worker that dies ends the others' collectives; torchrun then stops the whole run.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return Workers(dist.get_rank(), dist.get_world_size()), device
