@@ -33,6 +33,11 @@ PROBE = "The quick brown fox, it's said, jumps over 13 lazy dogs.\n\nHello world
 
 
 def quantize(model: str, out: Path, options: list[str], args: argparse.Namespace) -> Path:
+    record = out / "awqkit.json"
+    if args.reuse and record.exists():  # an earlier run's output, kept if its settings are these
+        config = json.loads(record.read_text())["config"]
+        if (config["n_calib"], config["seq_len"], config["n_grid"]) == (args.n_calib, args.seq_len, args.n_grid):
+            return out
     command = [
         sys.executable, "-m", "awqkit.cli", "--quiet", "quantize", model, "--out", str(out), "--overwrite",
         "--scales", "shared", "--objective", "module", "--group-size", "32", "--calib-data", "python-doc",
@@ -76,7 +81,7 @@ def compare(model: str, args: argparse.Namespace) -> dict:
     rows = {}
     for name, values in nll.items():
         diff = paired_difference(values, reference, weights)
-        rows[name] = {"ppl": perplexity(values), "dnll_vs_rtn": diff.mean, "ci": diff.ci, "wins": diff.win_share,
+        rows[name] = {"ppl": perplexity(values), "dnll_vs_rtn": diff.mean_nll_diff, "ci": diff.ci, "wins": diff.win_share,
                       "file_bytes": sizes.get(name)}  # fmt: skip
     hf_ids = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
     return {"model": model, "rows": rows, "tokenizer_agrees": {k: v == hf_ids for k, v in probe.items()}}
@@ -93,6 +98,7 @@ def main() -> int:
     p.add_argument("--llamacpp-python", type=Path, default=HERE / ".venv-llamacpp" / "bin" / "python")
     p.add_argument("--out", type=Path, default=HERE / "out" / "gguf-llamacpp")
     p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--reuse", action="store_true", help="keep outputs of an earlier run with the same settings")
     args = p.parse_args()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     report = {"date": date, "cpu": cpu_name(), "settings": {k: str(v) for k, v in vars(args).items()},

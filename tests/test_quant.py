@@ -23,16 +23,14 @@ def _step_errors(w: torch.Tensor, qw: GroupQuantized) -> torch.Tensor:
 
 # Float32 rounding in w / scale + zero and (q - zero) * scale, relative to one step.
 HALF_STEP = 0.5 + 1e-4
+# Weight shapes, group sizes (ragged and 1 included) and bit widths the properties hold over.
+GRIDS = dict(
+    seed=st.integers(0, 2**16), out=st.integers(1, 6), inp=st.integers(1, 40), group_size=st.integers(1, 48), bits=st.integers(2, 8)
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    out=st.integers(1, 6),
-    inp=st.integers(1, 40),
-    group_size=st.integers(1, 48),
-    bits=st.integers(2, 8),
-)
+@given(**GRIDS)
 def test_dequantized_values_lie_on_each_groups_grid(seed, out, inp, group_size, bits):
     w = _weights(seed, out, inp)
     qw = quantize_groupwise(w, bits, group_size)
@@ -49,11 +47,7 @@ def test_dequantized_values_lie_on_each_groups_grid(seed, out, inp, group_size, 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    seed=st.integers(0, 2**16),
-    out=st.integers(1, 6),
-    inp=st.integers(1, 40),
-    group_size=st.integers(1, 48),
-    bits=st.integers(2, 8),
+    **GRIDS,
     shift=st.sampled_from([-50.0, -4.0, 4.0, 50.0]),
 )
 def test_single_sign_groups_come_back_within_half_a_step(seed, out, inp, group_size, bits, shift):
@@ -167,11 +161,7 @@ def test_more_bits_means_less_error():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    seed=st.integers(0, 2**16),
-    out=st.integers(1, 6),
-    inp=st.integers(1, 40),
-    group_size=st.integers(1, 48),
-    bits=st.integers(2, 8),
+    **GRIDS,
     shift=st.sampled_from([0.0, -4.0, 4.0]),
 )
 def test_symmetric_grids_put_zero_at_half_the_range_and_round_trip_within_half_a_step(seed, out, inp, group_size, bits, shift):
