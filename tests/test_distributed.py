@@ -16,6 +16,7 @@ from awqkit.resume import STATE, partial_folder
 SMALL = ["--n-calib", "8", "--seq-len", "32", "--batch-size", "2", "--n-grid", "2", "--max-search-tokens", "64"]
 CASES = {
     "per-linear nearest": ["--group-size", "32"],
+    "per-linear greedy clip both": ["--group-size", "32", "--rounding", "greedy", "--clip", "--scaling", "both"],
     "shared module greedy awq": ["--group-size", "32", "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--format", "awq"],
 }  # fmt: skip
 
@@ -41,7 +42,8 @@ def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text
     for workers in (1, 2):
         done = _run(workers, tiny_llama_dir, tmp_path / f"w{workers}", calib_text, *CASES[case])
         assert done.returncode == 0, done.stderr[-2000:]
-    # Bit for bit: the statistics are pooled per batch and summed in batch order, as one worker sums them.
+    # Bit for bit: the statistics are pooled per batch and summed in batch order, as one worker sums
+    # them, and each candidate's rows, quantized apart, are gathered whole before its error is taken.
     assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
 
 

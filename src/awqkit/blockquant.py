@@ -32,6 +32,7 @@ from awqkit.search import (
     scale_candidates,
     search_scales,
 )
+from awqkit.shares import ALL_ROWS, RowShare
 
 
 @dataclass
@@ -114,9 +115,10 @@ def _unclipped_rows(group: ScaleGroup, sizes: list[int], device: torch.device) -
 
 def _search(
     visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig, scale_free: bool,
-    timings: dict[str, float],
+    timings: dict[str, float], rows: RowShare,
 ) -> SearchResult:
-    """The group's scales (s = 1 when ``scale_free``), then its clipping when asked for."""
+    """The group's scales (s = 1 when ``scale_free``), then its clipping when asked for; this
+    process quantizes its ``rows`` of the group's weight."""
     stats = visit.stats[group.balance[0]]
     error_of = _group_error(visit, group, w, sizes, config)
     rounding = _rounding(config, stats, timings)
@@ -126,12 +128,12 @@ def _search(
         alphas = alpha_grid(config.n_grid)
         candidates = scale_candidates(config.scaling, alphas, stats.mean_square(), stats.mean_abs(), w, config.group_size)
     grid = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
-    result = search_scales(w, candidates, error_of, rounding=rounding, **grid)
+    result = search_scales(w, candidates, error_of, rounding=rounding, rows=rows, **grid)
     if config.clip:
         with timed(timings, "clip"):
             frozen = _unclipped_rows(group, sizes, w.device)
             result = clip_search(w, result, stats.search_tokens(), error_of, rounding=rounding,
-                                 symmetric=config.symmetric, frozen_rows=frozen)  # fmt: skip
+                                 symmetric=config.symmetric, frozen_rows=frozen, rows=rows)  # fmt: skip
     return result
 
 
@@ -142,8 +144,10 @@ def _record(result: SearchResult, flips: int | None, rows: slice) -> LayerRecord
         result.error,
         flips,
         result.scaling,
-        None if clip is None else float(clip.float().mean()),
-        None if clip is None else float((clip < 1).float().mean()),
+        # float64 sums of ratios in [0.55, 1] are exact, so the record does not depend on the order
+        # (a whole layer's ratios are a transposed view, gathered workers' are contiguous)
+        None if clip is None else float(clip.double().mean()),
+        None if clip is None else float((clip < 1).double().mean()),
     )
 
 
@@ -165,13 +169,15 @@ def quantize_block(
     norm_offset: float = 0.0,
     timings: dict[str, float] | None = None,
     progress: bool = False,
+    rows: RowShare = ALL_ROWS,
 ) -> dict[str, QuantizedLinear]:
     """Search every scale group of ``visit.block``, fold where it folds, and set the stored weights.
 
     Groups go last to first: a fold into a linear's rows (up_proj <- down_proj's s) must happen
     before that linear is itself quantized. The block stays a float model with the same function
     until every group is searched, so each search sees the others unquantized, as in AWQ. With
-    shared scales a group that cannot fold keeps s = 1, so its weight too is on the grid.
+    shared scales a group that cannot fold keeps s = 1, so its weight too is on the grid. Several
+    workers split each weight's rows (``rows``) and all end with the whole result.
     """
     _check_groups(visit, groups)
     timings = {} if timings is None else timings
@@ -183,7 +189,7 @@ def quantize_block(
         sizes = [linear.out_features for linear in linears]
         folds = foldable(group, visit.block)
         try:
-            result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings)
+            result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings, rows=rows)
         except NonFiniteError as error:
             raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
         flipped = _flips(w, result, config)  # before the division below, which moves rounding ties

@@ -19,6 +19,7 @@ import torch
 from awqkit.quant import dequantize_groupwise, num_groups, quantize_groupwise
 from awqkit.rounding import RoundingFactory
 from awqkit.search import ErrorFn, NonFiniteError, SearchResult
+from awqkit.shares import ALL_ROWS, RowShare, gather_quantized
 
 # AutoAWQ's grid: shrink by up to 45% in steps of 5%.
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
@@ -82,20 +83,27 @@ def clip_search(
     rounding: RoundingFactory,
     symmetric: bool = False,
     frozen_rows: torch.Tensor | None = None,
+    rows: RowShare = ALL_ROWS,
 ) -> SearchResult:
     """``result`` with clipped groups where that lowers the layer's error; else ``result`` as is
-    (its ``clip`` all ones). ``w`` is the unscaled weight, ``x`` the search tokens (unscaled)."""
+    (its ``clip`` all ones). ``w`` is the unscaled weight, ``x`` the search tokens (unscaled).
+    This process chooses the ratios of its ``rows`` only, as in ``search_scales``."""
     s, q = result.scales, result.quantized
-    clip = clip_ratios(
-        w * s, x.to(w.dtype) / s, bits=q.bits, group_size=q.group_size, symmetric=symmetric, frozen_rows=frozen_rows
+    n_rows = w.shape[0]
+    part = rows.part(n_rows)
+    mine = w[part] * s
+    frozen = None if frozen_rows is None else frozen_rows[part]
+    clip_mine = clip_ratios(
+        mine, x.to(w.dtype) / s, bits=q.bits, group_size=q.group_size, symmetric=symmetric, frozen_rows=frozen
     )
+    clip = rows.gather(clip_mine, n_rows)
     unclipped = replace(result, clip=torch.ones_like(clip))
     if bool((clip == 1).all()):
         return unclipped
-    quantized = quantize_groupwise(w * s, q.bits, q.group_size, rounding(s), symmetric=symmetric, clip=clip)
-    error = error_of(dequantize_groupwise(quantized).div_(s))
+    quantized = quantize_groupwise(mine, q.bits, q.group_size, rounding(s), symmetric=symmetric, clip=clip_mine)
+    error = error_of(rows.gather(dequantize_groupwise(quantized).div_(s), n_rows))
     if not math.isfinite(error):
         raise NonFiniteError(f"the output error with clipping is {error}")
     if not error < result.error:
         return unclipped
-    return replace(result, quantized=quantized, error=error, clip=clip)
+    return replace(result, quantized=gather_quantized(rows, quantized, n_rows), error=error, clip=clip)

@@ -5,7 +5,9 @@ what they measured meets.
 between CPUs; several nodes with torchrun's rendezvous flags). Calibration batch b belongs to
 worker b mod N, which alone runs it through the blocks and keeps its hidden states. The per-batch
 statistics are gathered and summed in batch order, so every worker holds exactly the sums one
-worker would have: the search then chooses the same scales everywhere, and worker 0 writes the
+worker would have. The search and the rounding split each weight by output rows (awqkit.shares):
+every worker quantizes its block of rows, and the blocks are gathered whole before each output
+error, so every worker measures the same errors and chooses the same scales; worker 0 writes the
 checkpoint. Without torchrun's environment there is one worker and nothing here communicates.
 """
 
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from awqkit.shares import row_blocks
 
 
 class WorkerStopped(RuntimeError):
@@ -66,6 +70,23 @@ class Workers:
         with _collective():
             dist.broadcast_object_list(box, src=source)
         return box[0]
+
+    def part(self, n_rows: int) -> slice:
+        """This worker's block of a weight's output rows (awqkit.shares.RowShare)."""
+        return row_blocks(n_rows, self.world)[self.rank]
+
+    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Every worker's block of rows, stacked in row order, on every worker."""
+        if self.world == 1:
+            return part
+        blocks = row_blocks(n_rows, self.world)
+        longest = max(block.stop - block.start for block in blocks)
+        padded = part.new_zeros((longest, *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        received = [torch.empty_like(padded) for _ in blocks]
+        with _collective():
+            dist.all_gather(received, padded)
+        return torch.cat([r[: block.stop - block.start] for r, block in zip(received, blocks)])
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -120,7 +120,8 @@ def quantize_blocks(
             break
         with timed(timings, "search"):
             results = quantize_block(
-                visit, groups(visit.block), config, norm_offset=norm_offset, timings=timings, progress=progress
+                visit, groups(visit.block), config, norm_offset=norm_offset, timings=timings, progress=progress,
+                rows=workers,
             )
             synchronize(device)
         measured = {"block": visit.index, "seconds": round(time.perf_counter() - began, 3), "peak_rss_gib": round(peak_rss_gib(), 3)}

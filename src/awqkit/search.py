@@ -18,6 +18,7 @@ import torch
 
 from awqkit.quant import GroupQuantized, as_groups, from_groups, dequantize_groupwise, quantize_groupwise, round_nearest
 from awqkit.rounding import RoundingFactory
+from awqkit.shares import ALL_ROWS, RowShare, gather_quantized
 
 
 def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -131,26 +132,33 @@ def search_scales(
     group_size: int,
     rounding: RoundingFactory | None = None,
     symmetric: bool = False,
+    rows: RowShare = ALL_ROWS,
 ) -> SearchResult:
-    """Quantize ``w`` [out, in] at each candidate's scales and keep the first with the least error."""
+    """Quantize ``w`` [out, in] at each candidate's scales and keep the first with the least error.
+
+    This process quantizes only its ``rows``; every candidate's W_hat is gathered whole before
+    ``error_of`` measures it, so every process measures the same error and keeps the same candidate.
+    """
     rounding = rounding or (lambda scales: round_nearest)
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError("the weight holds NaN or infinite values")
+    n_rows = w.shape[0]
+    mine = w[rows.part(n_rows)]
     best: SearchResult | None = None
     errors: list[float] = []
     for candidate in candidates:
         scales = candidate.scales.to(w.dtype)
         if not bool(torch.isfinite(scales).all()):
             raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
-        quantized = quantize_groupwise(w * scales, bits, group_size, rounding(scales), symmetric=symmetric)
-        error = error_of(dequantize_groupwise(quantized).div_(scales))
+        quantized = quantize_groupwise(mine * scales, bits, group_size, rounding(scales), symmetric=symmetric)
+        error = error_of(rows.gather(dequantize_groupwise(quantized).div_(scales), n_rows))
         if not math.isfinite(error):
             raise NonFiniteError(f"the output error at {candidate.scaling} alpha {candidate.alpha:g} is {error}")
         errors.append(error)
         if best is None or error < best.error:
             best = SearchResult(candidate.alpha, scales, quantized, error, errors, candidate.scaling)
     assert best is not None
-    return replace(best, errors=errors)
+    return replace(best, errors=errors, quantized=gather_quantized(rows, best.quantized, n_rows))
 
 
 def search_alpha(

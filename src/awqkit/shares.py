@@ -1,0 +1,53 @@
+"""Which output rows of a weight this process quantizes, and how every process's rows meet.
+
+Rows are independent in group-wise quantization, in clipping and in greedy rounding, so workers
+split them: each quantizes one contiguous block of rows and the blocks are gathered, in row order,
+wherever a whole weight is needed (the output error of a candidate, the chosen result). Every
+worker then holds the same tensor, so what follows runs on identical inputs and chooses alike, and
+a row computed in a block of rows is the row computed in the whole weight (tests check it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Protocol
+
+import torch
+
+from awqkit.quant import GroupQuantized
+
+
+class RowShare(Protocol):
+    def part(self, n_rows: int) -> slice:
+        """This process's rows of a weight with ``n_rows`` output rows."""
+        ...
+
+    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Every process's ``part`` stacked in row order: the ``n_rows`` rows, on every process."""
+        ...
+
+
+def row_blocks(n_rows: int, world: int) -> list[slice]:
+    """``n_rows`` cut into ``world`` contiguous blocks whose sizes differ by at most one."""
+    size, extra = divmod(n_rows, world)
+    starts = [rank * size + min(rank, extra) for rank in range(world + 1)]
+    return [slice(starts[rank], starts[rank + 1]) for rank in range(world)]
+
+
+class AllRows:
+    """One process: every row is its own."""
+
+    def part(self, n_rows: int) -> slice:
+        return slice(0, n_rows)
+
+    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+        return part
+
+
+ALL_ROWS = AllRows()
+
+
+def gather_quantized(rows: RowShare, part: GroupQuantized, n_rows: int) -> GroupQuantized:
+    """The whole weight's integers, scales and zeros from every process's rows."""
+    return replace(part, q=rows.gather(part.q, n_rows), scale=rows.gather(part.scale, n_rows),
+                   zero=rows.gather(part.zero, n_rows))  # fmt: skip

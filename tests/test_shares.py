@@ -1,0 +1,89 @@
+"""Row shares: blocks cover every row once, and a row quantized in a block of rows is that row of
+the whole weight, bit for bit, for every step workers split (quantize, greedy, clip ratios)."""
+
+import pytest
+import torch
+
+from awqkit.clip import clip_ratios
+from awqkit.quant import dequantize_groupwise, quantize_groupwise
+from awqkit.rounding import make_rounding
+from awqkit.search import linear_output_error, scale_candidates, search_scales
+from awqkit.shares import ALL_ROWS, row_blocks
+
+
+@pytest.mark.parametrize("n_rows, world", [(10, 1), (10, 2), (11, 2), (12, 3), (13, 4), (3, 4)])
+def test_row_blocks_cover_every_row_once_in_order_with_sizes_within_one(n_rows, world):
+    blocks = row_blocks(n_rows, world)
+    assert len(blocks) == world
+    assert [r for b in blocks for r in range(b.start, b.stop)] == list(range(n_rows))
+    sizes = [b.stop - b.start for b in blocks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _layer(seed: int, out: int = 37, inp: int = 96, n: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inp, generator=g) * torch.linspace(0.1, 4.0, inp)
+    w = torch.randn(out, inp, generator=g)
+    w[:, 5] *= 10
+    return w, x
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_greedy_quantization_of_a_block_of_rows_is_those_rows_of_the_whole(world):
+    w, x = _layer(world)
+    s = x.pow(2).mean(0).pow(0.5)
+    rounding = make_rounding("greedy", x.mean(0), 0.05)(s)
+    whole = quantize_groupwise(w * s, 4, 32, rounding)
+    assert not torch.equal(whole.q, quantize_groupwise(w * s, 4, 32).q)  # greedy flipped some
+    parts = [quantize_groupwise(w[b] * s, 4, 32, rounding) for b in row_blocks(w.shape[0], world)]
+    for field in ("q", "scale", "zero"):
+        assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(whole, field))
+    assert torch.equal(torch.cat([dequantize_groupwise(p) for p in parts]), dequantize_groupwise(whole))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_ratios_of_a_block_of_rows_are_those_rows_of_the_whole(symmetric):
+    w, x = _layer(7)
+    whole = clip_ratios(w, x, bits=3, group_size=32, symmetric=symmetric)
+    assert (whole < 1).any()
+    for block in row_blocks(w.shape[0], 2):
+        assert torch.equal(clip_ratios(w[block], x, bits=3, group_size=32, symmetric=symmetric), whole[block])
+
+
+class _RankZero:
+    """Rank 0 of 2 in one process: ``gather`` returns the whole tensor one process computed
+    whose rows of rank 0 equal rank 0's part, so the search sees what the collective would give."""
+
+    def __init__(self, n_rows: int, computed: list[torch.Tensor]):
+        self.mine = row_blocks(n_rows, 2)[0]
+        self.computed = computed
+        self.gathered = 0
+
+    def part(self, n_rows: int) -> slice:
+        return self.mine
+
+    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+        self.gathered += 1
+        for whole in self.computed:
+            if whole.shape[1:] == part.shape[1:] and torch.equal(whole[self.mine], part):
+                return whole
+        raise AssertionError("rank 0 computed rows that one process never computed")
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "greedy"])
+def test_a_search_over_a_share_of_rows_chooses_and_returns_what_one_process_does(rounding):
+    w, x = _layer(11)
+    candidates = scale_candidates("activation", [0, 0.25, 0.5, 0.75, 1], x.pow(2).mean(0))
+    factory = make_rounding(rounding, x.mean(0), 0.05)
+    grid = {"bits": 4, "group_size": 32, "rounding": factory}
+    one = search_scales(w, candidates, linear_output_error(x, w), rows=ALL_ROWS, **grid)
+    computed = []
+    for c in candidates:
+        q = quantize_groupwise(w * c.scales, 4, 32, factory(c.scales))
+        computed += [dequantize_groupwise(q).div_(c.scales), q.q, q.scale, q.zero]
+    rank0 = _RankZero(w.shape[0], computed)
+    split = search_scales(w, candidates, linear_output_error(x, w), rows=rank0, **grid)
+    assert rank0.gathered == len(candidates) + 3  # one W_hat per candidate, then q, scale, zero
+    assert split.alpha == one.alpha and split.errors == one.errors
+    for field in ("q", "scale", "zero"):
+        assert torch.equal(getattr(split.quantized, field), getattr(one.quantized, field))
