@@ -47,6 +47,13 @@ def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text
     assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
 
 
+def test_more_workers_than_calibration_batches_is_one_line_and_nothing_written(tiny_llama_dir, calib_text, tmp_path):
+    done = _run(2, tiny_llama_dir, tmp_path / "out", calib_text, "--n-calib", "2", "--batch-size", "2")
+    said = [line for line in done.stderr.splitlines() if line.startswith("awqkit: error:")]
+    assert done.returncode != 0 and not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    assert said and all("2 workers need at least 2 calibration batches" in line for line in said), done.stderr[-2000:]
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

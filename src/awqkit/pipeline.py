@@ -236,6 +236,12 @@ def quantize(
         tokenizer = load_tokenizer(str(folder))
         windows = calibration_data(tokenizer, config)
         config = replace(config, n_calib=windows.shape[0], seq_len=windows.shape[1])
+    n_batches = -(-windows.shape[0] // config.batch_size)
+    if n_batches < workers.world:  # a worker with no batch would hold no statistics to pool
+        raise ValueError(
+            f"{workers.world} workers need at least {workers.world} calibration batches; {windows.shape[0]} windows "
+            f"in batches of {config.batch_size} make {n_batches}: lower --batch-size or start fewer workers"
+        )
     source = StreamedModel(folder, None if dtype == "auto" else DTYPES[dtype])
     _check_fits(source, config)
     if config.format == "gguf":
@@ -256,7 +262,6 @@ def quantize(
         writer = ShardWriter(partial, "model", max_shard_bytes, run.writers.get("model"))
         scales_writer = ShardWriter(partial, "awq_scales", state=run.writers.get("scales"))
     run = workers.broadcast(run if workers.writes else None)
-    n_batches = -(-windows.shape[0] // config.batch_size)
     with timed(timings, "calibration"):
         source.materialize_decoder()
         dtype_of_products = getattr(torch, config.compute_dtype)
