@@ -18,7 +18,7 @@ import torch
 
 from awqkit.quant import dequantize_groupwise, num_groups, quantize_groupwise
 from awqkit.rounding import RoundingFactory
-from awqkit.search import ErrorFn, NonFiniteError, SearchResult
+from awqkit.search import ErrorFn, NonFiniteError, SearchResult, whole_error
 from awqkit.shares import ALL_ROWS, RowShare, gather_quantized
 
 # AutoAWQ's grid: shrink by up to 45% in steps of 5%.
@@ -101,7 +101,7 @@ def clip_search(
     if bool((clip == 1).all()):
         return unclipped
     quantized = quantize_groupwise(mine, q.bits, q.group_size, rounding(s), symmetric=symmetric, clip=clip_mine)
-    error = error_of(rows.gather(dequantize_groupwise(quantized).div_(s), n_rows))
+    error = whole_error(error_of, rows, dequantize_groupwise(quantized).div_(s), n_rows)
     if not math.isfinite(error):
         raise NonFiniteError(f"the output error with clipping is {error}")
     if not error < result.error:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from awqkit.shares import row_blocks
+from awqkit.shares import ROW_CHUNK, row_blocks
 
 
 class WorkerStopped(RuntimeError):
@@ -75,11 +75,11 @@ class Workers:
         """This worker's block of a weight's output rows (awqkit.shares.RowShare)."""
         return row_blocks(n_rows, self.world)[self.rank]
 
-    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+    def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
         """Every worker's block of rows, stacked in row order, on every worker."""
         if self.world == 1:
             return part
-        blocks = row_blocks(n_rows, self.world)
+        blocks = row_blocks(n_rows, self.world, unit)
         longest = max(block.stop - block.start for block in blocks)
         padded = part.new_zeros((longest, *part.shape[1:]))
         padded[: part.shape[0]] = part

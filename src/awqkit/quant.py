@@ -54,11 +54,11 @@ def as_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     pad = num_groups(in_features, group_size) * group_size - in_features
     if pad:
         x = torch.nn.functional.pad(x[None], (0, pad), mode="replicate")[0]
-    return x.view(out_features, -1, group_size)
+    return x.view(out_features, num_groups(in_features, group_size), group_size)  # 0 rows too (a worker's share)
 
 
 def from_groups(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)[:, :in_features]
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2])[:, :in_features]
 
 
 def groupwise_qparams(

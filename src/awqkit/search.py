@@ -18,7 +18,7 @@ import torch
 
 from awqkit.quant import GroupQuantized, as_groups, from_groups, dequantize_groupwise, quantize_groupwise, round_nearest
 from awqkit.rounding import RoundingFactory
-from awqkit.shares import ALL_ROWS, RowShare, gather_quantized
+from awqkit.shares import ALL_ROWS, ROW_CHUNK, RowShare, gather_quantized
 
 
 def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -82,19 +82,52 @@ class NonFiniteError(ValueError):
     """A weight, a statistic or an error that is NaN or infinite: never silently searched past."""
 
 
-def output_mse(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    """mean((X (W - W_hat)^T)^2), the product in the dtype of ``x`` (bf16 where that is faster)."""
-    y = torch.nn.functional.linear(x, (w - w_hat).to(x.dtype))
-    return y.to(torch.promote_types(y.dtype, torch.float32)).pow(2).mean().item()
-
-
 # W_hat -> the error it causes; the search minimises it.
 ErrorFn = Callable[[torch.Tensor], float]
 
 
-def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> ErrorFn:
+class LinearOutputError:
+    """mean((X (W - W_hat)^T)^2), the output MSE of the linear(s) with weight ``w`` on input
+    tokens ``x`` [n, in]: it equals the MSE of X W^T + b against X W_hat^T + b exactly, since the
+    bias cancels, and one product avoids subtracting two large outputs.
+
+    The squares are summed in float64 per chunk of ``ROW_CHUNK`` rows (the product in the dtype
+    of ``x``, bf16 where that is faster) and the chunk sums added in row order: workers that each
+    hold whole chunks of rows compute their chunks' sums, and the sums add to the one-worker bits.
+    """
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor):
+        self.x, self.w = x, w
+
+    def chunk_sums(self, w_hat: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The float64 sums of squares of each chunk of ``rows`` (``w_hat`` holds those rows)."""
+        d = (self.w[rows] - w_hat).to(self.x.dtype)
+        sums = [
+            torch.nn.functional.linear(self.x, d[i : i + ROW_CHUNK]).to(torch.float64).square().sum()
+            for i in range(0, d.shape[0], ROW_CHUNK)
+        ]
+        return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.x.device)  # no rows here
+
+    def mean(self, chunk_sums: torch.Tensor) -> float:
+        """The MSE from every chunk's sum, in row order."""
+        return (chunk_sums.sum() / (self.x.shape[0] * self.w.shape[0])).item()
+
+    def __call__(self, w_hat: torch.Tensor) -> float:
+        return self.mean(self.chunk_sums(w_hat, slice(0, self.w.shape[0])))
+
+
+def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> LinearOutputError:
     """The output MSE of the linear(s) with weight ``w`` on input tokens ``x`` [n, in]."""
-    return lambda w_hat: output_mse(x, w, w_hat)
+    return LinearOutputError(x, w)
+
+
+def whole_error(error_of: ErrorFn, rows: RowShare, w_hat: torch.Tensor, n_rows: int) -> float:
+    """The error of the whole W_hat when this process holds ``w_hat``, its ``rows``: a linear's
+    from every process's chunk sums, any other error measured on the gathered W_hat."""
+    if isinstance(error_of, LinearOutputError):
+        part = rows.part(n_rows)
+        return error_of.mean(rows.gather(error_of.chunk_sums(w_hat, part), -(-n_rows // ROW_CHUNK), unit=1))
+    return error_of(rows.gather(w_hat, n_rows))
 
 
 def alpha_grid(n_grid: int) -> list[float]:
@@ -136,8 +169,8 @@ def search_scales(
 ) -> SearchResult:
     """Quantize ``w`` [out, in] at each candidate's scales and keep the first with the least error.
 
-    This process quantizes only its ``rows``; every candidate's W_hat is gathered whole before
-    ``error_of`` measures it, so every process measures the same error and keeps the same candidate.
+    This process quantizes only its ``rows``, and every candidate's error is that of the whole
+    W_hat (``whole_error``), so every process keeps the same candidate.
     """
     rounding = rounding or (lambda scales: round_nearest)
     if not bool(torch.isfinite(w).all()):
@@ -151,7 +184,7 @@ def search_scales(
         if not bool(torch.isfinite(scales).all()):
             raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
         quantized = quantize_groupwise(mine * scales, bits, group_size, rounding(scales), symmetric=symmetric)
-        error = error_of(rows.gather(dequantize_groupwise(quantized).div_(scales), n_rows))
+        error = whole_error(error_of, rows, dequantize_groupwise(quantized).div_(scales), n_rows)
         if not math.isfinite(error):
             raise NonFiniteError(f"the output error at {candidate.scaling} alpha {candidate.alpha:g} is {error}")
         errors.append(error)

@@ -2,9 +2,11 @@
 
 Rows are independent in group-wise quantization, in clipping and in greedy rounding, so workers
 split them: each quantizes one contiguous block of rows and the blocks are gathered, in row order,
-wherever a whole weight is needed (the output error of a candidate, the chosen result). Every
-worker then holds the same tensor, so what follows runs on identical inputs and chooses alike, and
-a row computed in a block of rows is the row computed in the whole weight (tests check it).
+wherever a whole weight is needed (a module's output error, the chosen result). Every worker then
+holds the same tensor, so what follows runs on identical inputs and chooses alike, and a row
+computed in a block of rows is the row computed in the whole weight (tests check it). Blocks are
+made of whole chunks of ``ROW_CHUNK`` rows, the unit in which a linear's output error is summed,
+so the workers' partial error sums are the one-worker sums (search.LinearOutputError).
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ import torch
 from awqkit.quant import GroupQuantized
 
 
+# Rows per partial sum of a linear's output error, and so the unit of every split.
+ROW_CHUNK = 32
+
+
 class RowShare(Protocol):
     def part(self, n_rows: int) -> slice:
         """This process's rows of a weight with ``n_rows`` output rows."""
         ...
 
-    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
-        """Every process's ``part`` stacked in row order: the ``n_rows`` rows, on every process."""
+    def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
+        """Every process's ``part`` stacked in order: all ``n_rows`` rows, on every process.
+        ``unit=1`` gathers one entry per chunk (``n_rows`` then counts chunks)."""
         ...
 
 
-def row_blocks(n_rows: int, world: int) -> list[slice]:
-    """``n_rows`` cut into ``world`` contiguous blocks whose sizes differ by at most one."""
-    size, extra = divmod(n_rows, world)
-    starts = [rank * size + min(rank, extra) for rank in range(world + 1)]
+def row_blocks(n_rows: int, world: int, unit: int = ROW_CHUNK) -> list[slice]:
+    """``n_rows`` cut into ``world`` contiguous blocks of whole ``unit``-row chunks (the last chunk
+    may be short), the chunk counts differing by at most one."""
+    size, extra = divmod(-(-n_rows // unit), world)
+    starts = [min(n_rows, (rank * size + min(rank, extra)) * unit) for rank in range(world + 1)]
     return [slice(starts[rank], starts[rank + 1]) for rank in range(world)]
 
 
@@ -40,7 +48,7 @@ class AllRows:
     def part(self, n_rows: int) -> slice:
         return slice(0, n_rows)
 
-    def gather(self, part: torch.Tensor, n_rows: int) -> torch.Tensor:
+    def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
         return part
 
 
