@@ -44,6 +44,7 @@ from measure import (
     fit_line,
     matmul_gflops,
     md_table,
+    measured_before,
     median_run,
     paired_ci,
     ratio,
@@ -123,6 +124,8 @@ class Settings:
     big_n_grid: int = 2
     big_max_search_tokens: int = 256
     out: Path = HERE / "out" / "compare-llmcompressor"
+    # keep outputs an earlier run made with the same command (and its measurements); else rerun
+    reuse: bool = False
 
 
 SMOKE = {
@@ -181,6 +184,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
     p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
     p.add_argument("--skip-compare", action="store_true", help="only the FLOP rates and the scaling runs")
+    p.add_argument(
+        "--reuse", action="store_true", default=None,
+        help="keep each output an earlier run made with the same command, with its measurements (adds methods cheaply)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(HERE.parent)})")
     p.add_argument(
         "--json", type=Path, help="also write the report here (the full run's: docs/compare-llmcompressor.json)"
@@ -315,12 +322,22 @@ def method_command(
 
 
 def run_method(
-    method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path
+    method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path,
+    reuse: bool = False,
 ) -> Run:
-    if out.exists():
-        shutil.rmtree(out)
+    """Quantize with ``method`` into ``out``; with ``reuse``, an output an earlier run made with the
+    same command (recorded next to its log) is kept with that run's measurements."""
     command = method_command(method, folder, out, tokens, group, s, llmc_python)
-    run = run_measured(method, command, log, env=child_env(command[0]))
+    recorded = log.with_name(log.name + ".command.json")
+    earlier = measured_before(method, log) if reuse and out.exists() and recorded.exists() else None
+    if earlier is not None and json.loads(recorded.read_text()) == command:
+        run = earlier
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        recorded.unlink(missing_ok=True)
+        run = run_measured(method, command, log, env=child_env(command[0]))
+        recorded.write_text(json.dumps(command))
     if method in LLMC_METHODS:
         run.stages = json.loads(out.with_suffix(".timings.json").read_text())
         return run
@@ -382,7 +399,7 @@ def compare_pair(
     for repeat in range(s.repeats):
         for method in rotated(methods, repeat):
             log = where / "logs" / f"{method}-{repeat}.log"
-            run = run_method(method, folder, where / method, tokens, group, s, llmc_python, log)
+            run = run_method(method, folder, where / method, tokens, group, s, llmc_python, log, s.reuse)
             runs[method].append(run)
             print(
                 f"  {model_label(name)} g{group} {method} #{repeat + 1}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB",

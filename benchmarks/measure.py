@@ -94,6 +94,17 @@ def run_measured(name: str, command: Sequence[str], log: Path, env: dict[str, st
     return Run(name, usage["wall_s"], cpu, usage["maxrss_kib"] / 2**20, others_cpu_s=others)
 
 
+def measured_before(name: str, log: Path) -> Run | None:
+    """The run ``run_measured`` recorded next to ``log``, if it finished (others' CPU not kept)."""
+    rusage_json = log.with_name(log.name + ".rusage.json")
+    if not rusage_json.exists():
+        return None
+    usage = json.loads(rusage_json.read_text())
+    if usage["exit"] != 0:
+        return None
+    return Run(name, usage["wall_s"], usage["user_s"] + usage["sys_s"], usage["maxrss_kib"] / 2**20)
+
+
 def machine_busy_s() -> float | None:
     """CPU seconds all cores have spent on anything but idling and I/O wait since boot (Linux)."""
     try:
