@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED = "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3)"
+SUPPORTED = (
+    "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
+    "awqkit knows (Mixtral, Qwen3-MoE)"
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -58,7 +61,10 @@ def _check_block(block: nn.Module, model_name: str) -> None:
         raise UnsupportedModelError(f"{model_name} has no nn.Linear in its decoder blocks; supported: {SUPPORTED}")
     # A matrix outside nn.Linear (transformers' fused mixture-of-experts weights) would stay float
     # while the rest is quantized: refuse rather than half-quantize.
+    from awqkit.experts import router_parameters
+
     in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    in_linears |= router_parameters(block)  # MoE routers stay float by design
     others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
     if others:
         raise UnsupportedModelError(

@@ -17,6 +17,7 @@ from torch import nn
 
 from awqkit.architectures import DecoderLayout, block_linears
 from awqkit.distributed import Workers
+from awqkit.experts import set_every_token
 from awqkit.search import NonFiniteError
 
 if TYPE_CHECKING:
@@ -372,6 +373,9 @@ def walk_blocks(
         _check_finite(state, index)
         block = _work_copy(layout.blocks[index], state, device)
         forward = block if compute_dtype == torch.float32 else copy.deepcopy(block).to(compute_dtype)
+        # Every calibration token through every expert: each expert's statistics from all tokens,
+        # the block's output from the routed experts only (awqkit.experts).
+        set_every_token(forward, True)
         stored_dtypes = {name: tensor.dtype for name, tensor in state.items()}
         del state
         linears = block_linears(forward)

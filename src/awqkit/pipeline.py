@@ -37,6 +37,7 @@ from awqkit.calibration import (
 )
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.distributed import Workers, start_workers
+from awqkit.experts import linearize_experts
 from awqkit.quant import GroupQuantized
 from awqkit.runtime import (
     cpu_name,
@@ -149,6 +150,7 @@ def quantize_model(
     when a packed format will be written.
     """
     config.validate()
+    linearize_experts(model)
     layout = find_decoder(model)
     architecture = architecture_of(model) if config.scales == "shared" else None
     timings: dict[str, float] = {}

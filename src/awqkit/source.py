@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from awqkit.architectures import DecoderLayout, find_decoder
+from awqkit.experts import linearize_experts
 
 log = logging.getLogger("awqkit")
 
@@ -73,6 +75,12 @@ class CheckpointFiles:
         missing = sorted({str(path) for path in self.files.values() if not path.is_file()})
         if missing:
             raise FileNotFoundError(f"{index}: shard(s) missing: {', '.join(missing)}")
+        self.keys = {name: name for name in self.files}  # name -> the key it is stored under
+
+    def rename(self, rename: Callable[[str], str]) -> None:
+        """Name each tensor as the model does (``rename`` of its stored key); reads use the stored key."""
+        self.files = {rename(key): path for key, path in self.files.items()}
+        self.keys = {rename(key): key for key in self.keys.values()}
 
     def names(self) -> list[str]:
         return list(self.files)
@@ -88,7 +96,7 @@ class CheckpointFiles:
         for path, file_names in by_file.items():
             with safe_open(str(path), framework="pt") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name)
+                    tensors[name] = handle.get_tensor(self.keys[name])
         return {name: tensors[name] for name in names}
 
     def identity(self) -> list[tuple[str, int, int]]:
@@ -107,6 +115,23 @@ def _keys(path: Path) -> list[str]:
         raise ValueError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
 
 
+def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
+    """Stored key -> the model's name for it, by transformers' renamings for the model type
+    (Mixtral's ``block_sparse_moe`` is its ``mlp``). Fusing conversions are not applied: awqkit
+    holds experts as linears (awqkit.experts), named per expert as checkpoints store them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model, add_legacy=False) if isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    return rename
+
+
 class StreamedModel:
     """A causal LM's skeleton on the meta device, its tensors read from the checkpoint on demand."""
 
@@ -121,6 +146,8 @@ class StreamedModel:
         with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
             self.model: nn.Module = AutoModelForCausalLM.from_config(self.config)
         self.model.eval()
+        linearize_experts(self.model)
+        self.files.rename(checkpoint_renaming(self.model))
         self.layout: DecoderLayout = find_decoder(self.model)
         self._check_names()
 
