@@ -22,6 +22,11 @@ TINY = {
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     # Six layers so that sliding (0-4) and full attention (5) both occur, with a window shorter
     # than the test sequences so the sliding mask matters.
+    # Mixture-of-experts: 4 experts, 2 per token (awqkit.experts)
+    "mixtral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
     "gemma3_text": dict(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         sliding_window=8,
