@@ -3,6 +3,7 @@ calibration token through every expert, and every expert quantized in a run."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,3 +100,84 @@ def test_a_run_quantizes_every_expert_keeps_the_router_and_loads_in_transformers
     assert {name.removesuffix(".weight") for name in experts} <= set(record)
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
+
+
+def _routed_walk(model_type: str, windows: torch.Tensor, **overrides):
+    model = _eager(model_type, **overrides)
+    linearize_experts(model)
+    layout = find_decoder(model)
+    inputs = capture_block_inputs(layout, windows, 2, torch.float32)
+    indices = search_token_indices(windows.numel(), 40, 0)
+    return model, list(walk_blocks(layout, inputs, search_indices=indices, every_token=False)), indices
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_routed_calibration_gives_each_expert_its_routed_tokens_and_their_search_rows(model_type):
+    windows = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(2))
+    model, visits, indices = _routed_walk(model_type, windows)
+    counts = [visits[0].stats[f"mlp.experts.{e}.{'w1' if model_type == 'mixtral' else 'gate_proj'}"].count for e in range(4)]
+    top_k = 2
+    assert sum(counts) == windows.numel() * top_k  # each token reaches exactly its top-k experts
+    for e in range(4):
+        down = visits[0].stats[f"mlp.experts.{e}.{'w2' if model_type == 'mixtral' else 'down_proj'}"]
+        gate = visits[0].stats[f"mlp.experts.{e}.{'w1' if model_type == 'mixtral' else 'gate_proj'}"]
+        assert down.count == gate.count == counts[e]
+        if counts[e]:  # its search tokens are the batch's search tokens routed to it: at most all of them
+            assert 0 < gate.search_tokens().shape[0] <= len(indices)
+    # routed or not, the walk's block outputs are the model's
+    with torch.no_grad():
+        full = model.model(windows).last_hidden_state
+    assert torch.allclose(model.model.norm(torch.cat(visits[-1].outputs).view_as(full)), full, atol=1e-5, rtol=1e-4)
+
+
+def _never_route_to(router: torch.nn.Module, expert: int) -> None:
+    """``router`` as transformers' top-k router (softmax, top-k, renormalised), never choosing ``expert``."""
+
+    def forward(hidden: torch.Tensor):
+        logits = torch.nn.functional.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight)
+        logits[:, expert] = float("-inf")
+        probs = logits.float().softmax(dim=-1)
+        top, index = probs.topk(router.top_k, dim=-1)
+        return logits, (top / top.sum(dim=-1, keepdim=True)).to(logits.dtype), index
+
+    router.forward = forward
+
+
+def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_counted(capsys, tokenizer, calib_text, tmp_path):
+    from awqkit.calibration import calibration_data
+    from awqkit.config import QuantizeConfig
+    from awqkit.pipeline import quantize_model
+
+    model = tiny_model("qwen3_moe", experts_implementation="eager")
+    reference = copy.deepcopy(model)
+    linearize_experts(reference)
+    original = reference.state_dict()
+    for layer in model.model.layers:
+        _never_route_to(layer.mlp.gate, 3)
+    config = QuantizeConfig(group_size=32, n_grid=2, n_calib=8, seq_len=32, batch_size=2, calib_data=str(calib_text),
+                            moe_calibration="routed")  # fmt: skip
+    result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
+    rtn = {name for name, layer in result.layers.items() if layer.fallback == "rtn"}
+    assert rtn == {f"model.layers.{i}.mlp.experts.3.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    for name in rtn:
+        assert result.layers[name].alpha == 0.0 and result.layers[name].error is None
+        w = original[f"{name}.weight"]
+        assert torch.equal(model.get_submodule(name).weight.data, dequantize_groupwise(quantize_groupwise(w, 4, 32)))
+    # every token through every expert: the same expert is calibrated and searched like the others
+    model = tiny_model("qwen3_moe", experts_implementation="eager")
+    for layer in model.model.layers:
+        _never_route_to(layer.mlp.gate, 3)
+    everyone = quantize_model(model, calibration_data(tokenizer, config), replace(config, moe_calibration="all"), progress=False)
+    assert not any(layer.fallback for layer in everyone.layers.values())
+
+
+def test_the_command_line_counts_fallbacks(tokenizer, calib_text, tmp_path, capsys):
+    from awqkit.cli import main
+
+    source = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe")
+    argv = ["quantize", str(source), "--out", str(tmp_path / "out"), "--calib-data", str(calib_text), "--n-calib", "4",
+            "--seq-len", "32", "--batch-size", "2", "--n-grid", "2", "--group-size", "32", "--moe-calibration", "routed",
+            "--min-tokens", "100000", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "32 linears" in said and "32 saw fewer than 100000 tokens and got RTN" in said, said

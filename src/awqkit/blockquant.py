@@ -8,6 +8,7 @@ nowhere and the stored weight is Q(W*s)/s. Search, rounding and bookkeeping are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,17 +33,18 @@ from awqkit.search import (
     scale_candidates,
     search_scales,
 )
-from awqkit.shares import ALL_ROWS, RowShare
+from awqkit.shares import ALL_ROWS, RowShare, gather_quantized
 
 
 @dataclass
 class LayerRecord:
     alpha: float
-    error: float
+    error: float | None
     flips: int | None = None
     scaling: str = "activation"
     clip: float | None = None  # the mean range ratio kept over the layer's groups (--clip)
     clipped: float | None = None  # the share of its groups clipped (--clip)
+    fallback: str | None = None  # "rtn": too few calibration tokens to search (alpha 0, error None)
 
 
 @dataclass
@@ -137,17 +139,26 @@ def _search(
     return result
 
 
-def _record(result: SearchResult, flips: int | None, rows: slice) -> LayerRecord:
+def _round_to_nearest(w: torch.Tensor, config: QuantizeConfig, rows: RowShare) -> SearchResult:
+    """RTN, s = 1 and nearest rounding, with no error to measure: for a linear whose input saw too
+    few calibration tokens (an expert few tokens are routed to) to search on."""
+    n_rows = w.shape[0]
+    part = quantize_groupwise(w[rows.part(n_rows)], config.bits, config.group_size, symmetric=config.symmetric)
+    return SearchResult(0.0, torch.ones_like(w[0]), gather_quantized(rows, part, n_rows), math.nan, [])
+
+
+def _record(result: SearchResult, flips: int | None, rows: slice, fallback: str | None) -> LayerRecord:
     clip = None if result.clip is None else result.clip[rows]
     return LayerRecord(
         result.alpha,
-        result.error,
+        None if fallback else result.error,
         flips,
         result.scaling,
         # float64 sums of ratios in [0.55, 1] are exact, so the record does not depend on the order
         # (a whole layer's ratios are a transposed view, gathered workers' are contiguous)
         None if clip is None else float(clip.double().mean()),
         None if clip is None else float((clip < 1).double().mean()),
+        fallback,
     )
 
 
@@ -188,8 +199,12 @@ def quantize_block(
         w = torch.cat([linear.weight.data for linear in linears])
         sizes = [linear.out_features for linear in linears]
         folds = foldable(group, visit.block)
+        fallback = "rtn" if visit.stats[group.balance[0]].count < config.min_tokens else None
         try:
-            result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings, rows=rows)
+            if fallback:
+                result = _round_to_nearest(w, config, rows)
+            else:
+                result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings, rows=rows)
         except NonFiniteError as error:
             raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
         flipped = _flips(w, result, config)  # before the division below, which moves rounding ties
@@ -206,7 +221,7 @@ def quantize_block(
             flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
-            record = _record(result, flips, slice(starts[i], starts[i] + sizes[i]))
+            record = _record(result, flips, slice(starts[i], starts[i] + sizes[i]), fallback)
             done[name] = (QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None), weight)
     for name, (_, weight) in done.items():
         visit.block.get_submodule(name).weight.data.copy_(weight)

@@ -17,7 +17,7 @@ from torch import nn
 
 from awqkit.architectures import DecoderLayout, block_linears
 from awqkit.distributed import Workers
-from awqkit.experts import set_every_token
+from awqkit.experts import routed_tokens, set_every_token
 from awqkit.search import NonFiniteError
 
 if TYPE_CHECKING:
@@ -339,6 +339,16 @@ def _pool(
     return moved(workers.broadcast(moved(module_inputs, "cpu")), device)
 
 
+def _search_rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The batch's search-token rows as rows of ``x``: the same, unless ``x`` holds only the tokens
+    routed to an expert, whose search tokens are then the batch's that were routed to it."""
+    routed = routed_tokens()
+    if routed is None:
+        return rows
+    routed = routed.to(rows.device)
+    return torch.searchsorted(routed, rows[torch.isin(rows, routed)])
+
+
 def walk_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -350,6 +360,7 @@ def walk_blocks(
     block_state: BlockState | None = None,
     start: int = 0,
     workers: Workers = Workers(),
+    every_token: bool = True,
 ) -> Iterator[BlockVisit]:
     """Visit the blocks from ``start`` on, one at a time, with the input statistics of their linears.
 
@@ -373,9 +384,9 @@ def walk_blocks(
         _check_finite(state, index)
         block = _work_copy(layout.blocks[index], state, device)
         forward = block if compute_dtype == torch.float32 else copy.deepcopy(block).to(compute_dtype)
-        # Every calibration token through every expert: each expert's statistics from all tokens,
-        # the block's output from the routed experts only (awqkit.experts).
-        set_every_token(forward, True)
+        # With ``every_token``, every calibration token through every expert: each expert's
+        # statistics from all tokens, the block's output from the routed experts only.
+        set_every_token(forward, every_token)
         stored_dtypes = {name: tensor.dtype for name, tensor in state.items()}
         del state
         linears = block_linears(forward)
@@ -391,7 +402,7 @@ def walk_blocks(
                 shared = next((owner for seen, owner in batch["seen"] if seen is x), None)
                 if shared is None:
                     batch["seen"].append((x, name))
-                    stats[name].add(x, batch["rows"], batch["id"])
+                    stats[name].add(x, _search_rows_of(x, batch["rows"]), batch["id"])
                 else:
                     stats[name] = stats[shared]
 

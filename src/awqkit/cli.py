@@ -10,7 +10,9 @@ import signal
 import sys
 from typing import Any, NoReturn
 
-from awqkit.config import COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, OBJECTIVES, SCALES, QuantizeConfig
+from awqkit.config import (
+    COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, MOE_CALIBRATIONS, OBJECTIVES, SCALES, QuantizeConfig,
+)  # fmt: skip
 from awqkit.distributed import WorkerStopped
 from awqkit.rounding import ROUNDINGS
 from awqkit.search import SCALINGS
@@ -63,6 +65,14 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--outlier-percent", type=float, default=DEFAULTS.outlier_percent)
     p.add_argument("--max-search-tokens", type=int, default=DEFAULTS.max_search_tokens)
+    p.add_argument(
+        "--moe-calibration", choices=MOE_CALIBRATIONS, default=DEFAULTS.moe_calibration,
+        help="mixture-of-experts: every token through every expert (all; outputs from the routed ones) or routed only",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-tokens", type=int, default=DEFAULTS.min_tokens,
+        help="a linear that saw fewer calibration tokens (a rarely routed expert) gets RTN (s = 1, nearest), recorded",
+    )  # fmt: skip
     p.add_argument("--calib-data", default=DEFAULTS.calib_data, help="corpus name or path (.txt/.gz/.jsonl/.parquet)")
     p.add_argument(
         "--calib-tokens",
@@ -106,7 +116,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     )  # fmt: skip
     alphas = [layer.alpha for layer in result.layers.values()]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, worker 0 wrote the folder
-        print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}")
+        fallbacks = sum(layer.fallback is not None for layer in result.layers.values())
+        rtn = f"; {fallbacks} saw fewer than {config.min_tokens} tokens and got RTN" if fallbacks else ""
+        print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}{rtn}")
     return 0
 
 

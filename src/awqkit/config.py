@@ -14,6 +14,7 @@ OBJECTIVES = ("linear", "module")
 FORMATS = ("fake", "awq", "compressed-tensors", "gguf")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+MOE_CALIBRATIONS = ("all", "routed")
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,20 @@ class QuantizeConfig:
     # set feeds (attention for q, k, v; the MLP for gate, up), as llm-awq and llm-compressor do.
     objective: str = "linear"
     format: str = "fake"
+    # Mixture-of-experts calibration: "all" runs every token through every expert (each expert's
+    # statistics from all tokens, the block's output from the routed experts only); "routed" gives
+    # each expert only the tokens routed to it.
+    moe_calibration: str = "all"
+    # A linear whose input saw fewer calibration tokens (an expert few tokens are routed to) gets
+    # s = 1 and nearest rounding (RTN), recorded as a fallback, instead of a search on too little.
+    min_tokens: int = 64
 
     def validate(self) -> None:
         check_quant_args(self.bits, self.group_size)
+        if self.moe_calibration not in MOE_CALIBRATIONS:
+            raise ValueError(f"unknown moe calibration {self.moe_calibration!r}; choose one of {', '.join(MOE_CALIBRATIONS)}")
+        if self.min_tokens < 1:
+            raise ValueError(f"min-tokens must be >= 1, got {self.min_tokens}")
         if self.n_grid < 0:
             raise ValueError(f"n-grid must be >= 0 (0: round-to-nearest with no scaling), got {self.n_grid}")
         for name in ("n_calib", "seq_len", "max_search_tokens", "batch_size"):

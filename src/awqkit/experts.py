@@ -16,6 +16,7 @@ the output still sums only the routed experts, so the next block sees the true h
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,15 @@ class Expert(nn.Module):
         return getattr(self, n.down)(self.act_fn(getattr(self, n.gate)(x)) * getattr(self, n.up)(x))
 
 
+# The token rows (of the block's flattened input) the expert running now was given, when routed.
+_ROUTED_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("routed_tokens", default=None)
+
+
+def routed_tokens() -> torch.Tensor | None:
+    """Inside a routed expert's forward, the (ascending) token rows it runs on; else None."""
+    return _ROUTED_TOKENS.get()
+
+
 class LinearExperts(nn.ModuleList):
     """The experts of one MoE block as ``Expert`` modules, called as the fused module is."""
 
@@ -75,7 +85,11 @@ class LinearExperts(nn.ModuleList):
             if self.every_token:
                 y = expert(hidden_states)[token]  # every token through the expert; only the routed ones add up
             elif token.numel():
-                y = expert(hidden_states[token])
+                entered = _ROUTED_TOKENS.set(token)  # so statistics know which tokens these are
+                try:
+                    y = expert(hidden_states[token])
+                finally:
+                    _ROUTED_TOKENS.reset(entered)
             else:
                 continue
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))

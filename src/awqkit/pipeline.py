@@ -108,6 +108,7 @@ def quantize_blocks(
         block_state=block_state,
         start=start,
         workers=workers,
+        every_token=config.moe_calibration == "all",
     )
     groups = _scale_groups(config, architecture)
     norm_offset = architecture.norm_offset if architecture is not None else 0.0
