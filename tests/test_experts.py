@@ -181,3 +181,75 @@ def test_the_command_line_counts_fallbacks(tokenizer, calib_text, tmp_path, caps
     assert main(argv) == 0
     said = capsys.readouterr().out
     assert "32 linears" in said and "32 saw fewer than 100000 tokens and got RTN" in said, said
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_router_compensated(model_type):
+    from awqkit.architectures import architecture_of
+    from awqkit.folding import fold_scales
+
+    model = _eager(model_type)
+    linearize_experts(model)
+    block = model.model.layers[0]
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(3))
+    position = torch.arange(12)[None].expand(2, -1)
+    rotary = model.model.rotary_emb(x, position)
+
+    def output(b):
+        with torch.no_grad():
+            out = b(x, position_embeddings=rotary, position_ids=position)
+        return out[0] if isinstance(out, tuple) else out
+
+    reference = output(block)
+    groups = architecture_of(model).groups(block)
+    norm_group = next(g for g in groups if g.smooth == "post_attention_layernorm")
+    assert norm_group.compensate == ("mlp.gate",) and len(norm_group.balance) == 8  # 4 experts x gate, up
+    g = torch.Generator().manual_seed(4)
+    for group in groups:
+        if group.smooth and "experts" in group.smooth or group is norm_group:
+            fold_scales(block, group, torch.rand(64 if group is norm_group else block.get_submodule(group.balance[0]).in_features, generator=g) + 0.5)
+    assert torch.allclose(output(block), reference, atol=1e-5, rtol=1e-4)
+    # without the router's compensation the routing, and so the output, changes
+    block.mlp.gate.weight.data.mul_(torch.rand(64, generator=g) + 0.5)
+    assert not torch.allclose(output(block), reference, atol=1e-3, rtol=1e-3)
+
+
+def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(tokenizer, calib_text, tmp_path):
+    from awqkit.cli import main
+
+    source = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe", dtype=torch.float32)
+    out = tmp_path / "out"
+    assert main(["quantize", str(source), "--out", str(out), "--calib-data", str(calib_text), "--n-calib", "8",
+                 "--seq-len", "32", "--batch-size", "2", "--n-grid", "4", "--group-size", "32", "--scales", "shared",
+                 "--objective", "module", "--rounding", "greedy", "--symmetric", "--format", "compressed-tensors",
+                 "--quiet"]) == 0  # fmt: skip
+    saved, scales = load_file(str(out / "model.safetensors")), load_file(str(out / "awq_scales.safetensors"))
+    original = load_file(str(source / "model.safetensors"))
+    packed = {name.removesuffix(".weight_packed") for name in saved if name.endswith(".weight_packed")}
+    assert {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(4)
+            for p in ("gate_proj", "up_proj", "down_proj")} <= packed  # fmt: skip
+    for layer in range(2):  # the router stays float, its columns times the shared s of the experts it routes to
+        router = f"model.layers.{layer}.mlp.gate.weight"
+        s = scales[f"model.layers.{layer}.mlp.experts.0.gate_proj"]
+        assert torch.allclose(saved[router], original[router] * s, rtol=1e-6, atol=0)
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate", "lm_head"} <= set(ignored)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+
+
+def test_moe_refusals_are_one_line(tokenizer, calib_text, tmp_path, capsys):
+    from awqkit.cli import main
+
+    source = save_tiny(tmp_path / "model", tokenizer, model_type="mixtral")
+    common = ["quantize", str(source), "--calib-data", str(calib_text), "--n-calib", "4", "--seq-len", "32",
+              "--group-size", "32", "--scales", "shared"]  # fmt: skip
+    for extra, said in (
+        (["--format", "awq"], "format awq cannot hold mixture-of-experts weights"),
+        (["--moe-calibration", "routed"], "use --moe-calibration all"),
+    ):
+        out = tmp_path / "out"
+        assert main([*common, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
+        assert not out.exists()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from awqkit.experts import EXPERT_NAMES, ExpertNames, LinearExperts, router_parameters
+
 SUPPORTED = (
     "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
     "awqkit knows (Mixtral, Qwen3-MoE)"
@@ -61,8 +63,6 @@ def _check_block(block: nn.Module, model_name: str) -> None:
         raise UnsupportedModelError(f"{model_name} has no nn.Linear in its decoder blocks; supported: {SUPPORTED}")
     # A matrix outside nn.Linear (transformers' fused mixture-of-experts weights) would stay float
     # while the rest is quantized: refuse rather than half-quantize.
-    from awqkit.experts import router_parameters
-
     in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     in_linears |= router_parameters(block)  # MoE routers stay float by design
     others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
@@ -97,6 +97,28 @@ class ScaleGroup:
     smooth: str | None
     balance: tuple[str, ...]
     module: str | None = None
+    # Other readers of the same tensor that stay float (a MoE router): their columns are multiplied
+    # by s too, so that they compute the same function after the fold.
+    compensate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """Where a mixture-of-experts MLP's scales fold: one s shared by every expert's gate and up
+    (they all read the MLP norm's output, as does the router, which is compensated), and per expert
+    an s for down folded into that expert's up rows (AutoAWQ's and llm-compressor's mappings)."""
+
+    norm: str
+    names: ExpertNames
+    mlp: str = "mlp"
+
+    def groups(self, n_experts: int) -> tuple[ScaleGroup, ...]:
+        experts = [f"{self.mlp}.experts.{e}" for e in range(n_experts)]
+        gate_up = tuple(f"{x}.{p}" for x in experts for p in (self.names.gate, self.names.up))
+        return (
+            ScaleGroup(self.norm, gate_up, self.mlp, compensate=(f"{self.mlp}.gate",)),
+            *(ScaleGroup(f"{x}.{self.names.up}", (f"{x}.{self.names.down}",)) for x in experts),
+        )
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,21 @@ class Architecture:
     scale_groups: tuple[ScaleGroup, ...]
     # Gemma's RMSNorm multiplies by (1 + weight), Llama's by weight.
     norm_offset: float = 0.0
+    # Mixture-of-experts blocks: their MLP's groups (blocks with a dense MLP use scale_groups).
+    experts: ExpertGroups | None = None
+
+    def groups(self, block: nn.Module) -> tuple[ScaleGroup, ...]:
+        """The scale groups of ``block``: with experts, the attention groups and the experts'."""
+        experts = getattr(block.get_submodule(self.experts.mlp), "experts", None) if self.experts else None
+        if not isinstance(experts, LinearExperts):
+            return self.scale_groups
+        attention = tuple(g for g in self.scale_groups if not g.balance[0].startswith(self.experts.mlp + "."))
+        return (*attention, *self.experts.groups(len(experts)))
+
+    @property
+    def modules(self) -> list[str]:
+        """The submodules the module objective compares (attention, MLP)."""
+        return [group.module for group in self.scale_groups if group.module]
 
 
 def _llama_like(mlp_norm: str) -> tuple[ScaleGroup, ...]:
@@ -119,6 +156,10 @@ def _llama_like(mlp_norm: str) -> tuple[ScaleGroup, ...]:
 
 ARCHITECTURES: dict[str, Architecture] = {
     **{t: Architecture(_llama_like("post_attention_layernorm")) for t in ("llama", "mistral", "qwen2", "qwen3")},
+    **{
+        t: Architecture(_llama_like("post_attention_layernorm"), experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES[t]))
+        for t in ("mixtral", "qwen3_moe")
+    },
     **{t: Architecture(_llama_like("pre_feedforward_layernorm"), norm_offset=1.0) for t in ("gemma3", "gemma3_text")},
 }
 

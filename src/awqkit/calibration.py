@@ -430,6 +430,7 @@ def walk_blocks(
             for handle in handles:
                 handle.remove()
             batch["seen"] = []
+        set_every_token(forward, False)  # the module objective runs the routed experts only
         if workers.world > 1:
             module_inputs = _pool(stats, module_inputs, workers, device)
         yield BlockVisit(index, block, forward, stats, module_inputs, outputs, stored_dtypes)

@@ -215,13 +215,16 @@ def unique_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def float_linears(model: Any) -> list[str]:
-    """The linears outside the decoder blocks (lm_head): left float, so listed as ignored."""
+    """The linears outside the decoder blocks (lm_head) and the MoE routers: left float, so listed
+    as ignored (vLLM builds the routers as linears)."""
     from torch import nn
 
     from awqkit.architectures import find_decoder
+    from awqkit.experts import router_names
 
     blocks = find_decoder(model).blocks_name + "."
-    return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(blocks))
+    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(blocks)]
+    return sorted([*outside, *router_names(model)])
 
 
 def write_model_files(

@@ -67,6 +67,9 @@ class QuantizeConfig:
         check_quant_args(self.bits, self.group_size)
         if self.moe_calibration not in MOE_CALIBRATIONS:
             raise ValueError(f"unknown moe calibration {self.moe_calibration!r}; choose one of {', '.join(MOE_CALIBRATIONS)}")
+        if self.moe_calibration == "routed" and self.scales == "shared":
+            raise ValueError("shared scales fold one s into the norm every expert reads, measured on every token: "
+                             "use --moe-calibration all")
         if self.min_tokens < 1:
             raise ValueError(f"min-tokens must be >= 1, got {self.min_tokens}")
         if self.n_grid < 0:

@@ -156,6 +156,16 @@ def router_parameters(module: nn.Module) -> set[int]:
     return found
 
 
+def router_names(model: nn.Module) -> list[str]:
+    """The qualified names of the MoE routers in ``model`` (left float; listed as ignored)."""
+    ids = router_parameters(model)
+    return sorted(name for name, m in model.named_modules() if any(id(p) in ids for p in m.parameters(recurse=False)))
+
+
+def has_experts(model: nn.Module) -> bool:
+    return any(isinstance(m, LinearExperts) for m in model.modules())
+
+
 def set_every_token(module: nn.Module, every_token: bool) -> None:
     """Whether the ``LinearExperts`` inside ``module`` run every token through every expert."""
     for child in module.modules():

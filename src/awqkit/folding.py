@@ -50,8 +50,9 @@ def fold_normalizer(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0
 
 @torch.no_grad()
 def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor, norm_offset: float = 0.0) -> None:
-    """Scale the balance linears' columns by s and fold 1/s into the smooth op: same function."""
+    """Scale the balance linears' (and compensated readers') columns by s and fold 1/s into the
+    smooth op: the same function."""
     divide_output(block.get_submodule(group.smooth), s, norm_offset)
-    for name in group.balance:
-        linear = block.get_submodule(name)
-        linear.weight.mul_(s[None, :].to(linear.weight.dtype))
+    for name in (*group.balance, *group.compensate):
+        weight = block.get_submodule(name).weight
+        weight.mul_(s[None, :].to(weight.dtype))

@@ -37,7 +37,7 @@ from awqkit.calibration import (
 )
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.distributed import Workers, start_workers
-from awqkit.experts import linearize_experts
+from awqkit.experts import has_experts, linearize_experts
 from awqkit.quant import GroupQuantized
 from awqkit.runtime import (
     cpu_name,
@@ -72,14 +72,14 @@ class QuantizeResult:
 def _scale_groups(config: QuantizeConfig, architecture: Architecture | None) -> Callable[[Any], tuple[ScaleGroup, ...]]:
     if architecture is None:
         return per_linear_groups
-    return lambda block: architecture.scale_groups
+    return architecture.groups
 
 
 def _module_names(config: QuantizeConfig, architecture: Architecture | None) -> list[str]:
     """Submodules whose inputs the module objective needs recorded."""
     if architecture is None or config.objective != "module":
         return []
-    return [group.module for group in architecture.scale_groups if group.module]
+    return architecture.modules
 
 
 def quantize_blocks(
@@ -338,6 +338,9 @@ def _check_fits(source: Any, config: QuantizeConfig) -> None:
         check_packable(config.format, linears, config.group_size)
     if config.format == "gguf":
         check_gguf_model(source.config)
+    if config.format == "awq" and has_experts(source.model):
+        # transformers reads AutoAWQ GEMM tensors into nn.Linear only, not into its fused experts
+        raise ValueError("format awq cannot hold mixture-of-experts weights; use compressed-tensors (vLLM) or fake")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
