@@ -35,7 +35,6 @@ class ExpertNames:
 # model_type -> the projection names of its experts (architectures as data)
 EXPERT_NAMES = {
     "mixtral": ExpertNames("w1", "w3", "w2"),
-    "qwen2_moe": ExpertNames(),
     "qwen3_moe": ExpertNames(),
 }
 
