@@ -84,9 +84,9 @@ def test_a_run_quantizes_every_expert_keeps_the_router_and_loads_in_transformers
                             calib_data=str(calib_text), rounding="nearest")  # fmt: skip
     quantize(str(source), str(out), config, progress=False)
     saved, scales = load_file(str(out / "model.safetensors")), load_file(str(out / "awq_scales.safetensors"))
-    # Mixtral's checkpoints say block_sparse_moe for the model's mlp (transformers renames on load)
-    stored = load_file(str(source / "model.safetensors"))
-    original = {name.replace(".block_sparse_moe.", ".mlp."): tensor for name, tensor in stored.items()}
+    # Mixtral's checkpoints say block_sparse_moe for the model's mlp: the output keeps the input's names
+    original = load_file(str(source / "model.safetensors"))
+    assert set(saved) == set(original)
     experts = [name for name in saved if ".experts." in name]
     assert len(experts) == 2 * 4 * 3
     for name in experts:  # Q(W*s)/s of the expert's own weight, s its own AWQ scales
@@ -214,10 +214,16 @@ def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_rou
     assert not torch.allclose(output(block), reference, atol=1e-3, rtol=1e-3)
 
 
-def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(tokenizer, calib_text, tmp_path):
+# model type -> what its checkpoints call the MoE block and the experts' projections
+STORED = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(model_type, tokenizer, calib_text, tmp_path):
     from awqkit.cli import main
 
-    source = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe", dtype=torch.float32)
+    source = save_tiny(tmp_path / "model", tokenizer, model_type=model_type, dtype=torch.float32)
+    mlp, projections = STORED[model_type]
     out = tmp_path / "out"
     assert main(["quantize", str(source), "--out", str(out), "--calib-data", str(calib_text), "--n-calib", "8",
                  "--seq-len", "32", "--batch-size", "2", "--n-grid", "4", "--group-size", "32", "--scales", "shared",
@@ -226,14 +232,13 @@ def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers
     saved, scales = load_file(str(out / "model.safetensors")), load_file(str(out / "awq_scales.safetensors"))
     original = load_file(str(source / "model.safetensors"))
     packed = {name.removesuffix(".weight_packed") for name in saved if name.endswith(".weight_packed")}
-    assert {f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(4)
-            for p in ("gate_proj", "up_proj", "down_proj")} <= packed  # fmt: skip
+    assert {f"model.layers.{i}.{mlp}.experts.{e}.{p}" for i in range(2) for e in range(4) for p in projections} <= packed
     for layer in range(2):  # the router stays float, its columns times the shared s of the experts it routes to
-        router = f"model.layers.{layer}.mlp.gate.weight"
-        s = scales[f"model.layers.{layer}.mlp.experts.0.gate_proj"]
+        router = f"model.layers.{layer}.{mlp}.gate.weight"
+        s = scales[f"model.layers.{layer}.{mlp}.experts.0.{projections[0]}"]
         assert torch.allclose(saved[router], original[router] * s, rtol=1e-6, atol=0)
     ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    assert {"model.layers.0.mlp.gate", "model.layers.1.mlp.gate", "lm_head"} <= set(ignored)
+    assert {f"model.layers.0.{mlp}.gate", f"model.layers.1.{mlp}.gate", "lm_head"} <= set(ignored)
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
 

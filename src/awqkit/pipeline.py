@@ -273,21 +273,24 @@ def quantize(
     if run.next_block == 0:
         if workers.writes:
             with timed(timings, "save"):
-                writer.add(source.read(source.non_block_names()))
+                writer.add(source.stored_names(source.read(source.non_block_names())))
     else:
         inputs.hidden = load_hidden(partial, run.next_block, workers)
+
+    def stored(module: str) -> str:  # a linear (or any module with a weight) by the checkpoint's name
+        return source.stored_name(f"{module}.weight").removesuffix(".weight")
 
     def write_block(visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
         prefix = source.block_prefix(visit.index)
         with timed(timings, "save"):
-            run.layers.update({prefix + name: asdict(linear.record) for name, linear in linears.items()})
+            run.layers.update({stored(prefix + name): asdict(linear.record) for name, linear in linears.items()})
             run.blocks.append(measured)
             run.stored_dtype = run.stored_dtype or _dtype_name(visit.stored_dtypes[f"{next(iter(linears))}.weight"])
             run.next_block = visit.index + 1
             if workers.writes:
                 quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
-                writer.add(block_tensors(prefix, visit.stored_state(), quantized, config.format))
-                scales_writer.add({prefix + name: linear.scales for name, linear in linears.items()})
+                writer.add(source.stored_names(block_tensors(prefix, visit.stored_state(), quantized, config.format)))
+                scales_writer.add({stored(prefix + name): linear.scales for name, linear in linears.items()})
                 run.writers = {"model": writer.state(), "scales": scales_writer.state()}
             save_progress(partial, run, visit.outputs, workers)
             if workers.writes:
@@ -312,7 +315,8 @@ def quantize(
         scales_writer.finish()
         record = run_record(model_name_or_path, run.stored_dtype or "", config, run.layers)
         generation = _generation_config(folder)
-        write_model_files(partial, source.config, generation, tokenizer, record, None, config.format, float_linears(source.model))
+        ignored = [stored(name) for name in float_linears(source.model)]
+        write_model_files(partial, source.config, generation, tokenizer, record, None, config.format, ignored)
     result.peak_rss_gib = peak_rss_gib()
     _write_measurements(partial, result, compute_device)
     publish(partial, out, overwrite)

@@ -172,6 +172,19 @@ class StreamedModel:
         tensors = self.files.read([prefix + name for name in names])
         return {name: self._as_loaded(tensors[prefix + name]) for name in names}
 
+    def stored_name(self, name: str) -> str:
+        """What the checkpoint calls the model's tensor ``name`` (Mixtral's ``block_sparse_moe`` for
+        the model's ``mlp``); a tensor a packed format adds (``weight_packed``) is named after its
+        linear's stored weight. Outputs keep the input's names, which every loader of it reads."""
+        if name in self.files.keys:
+            return self.files.keys[name]
+        module, _, suffix = name.rpartition(".")
+        weight = self.files.keys.get(f"{module}.weight")
+        return f"{weight.removesuffix('.weight')}.{suffix}" if weight is not None else name
+
+    def stored_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.stored_name(name): tensor for name, tensor in tensors.items()}
+
     def non_block_names(self) -> list[str]:
         """Checkpoint tensors outside the decoder blocks (embeddings, final norm, lm_head), sorted."""
         blocks = self.layout.blocks_name + "."
