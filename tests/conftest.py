@@ -27,6 +27,8 @@ TINY = {
                     num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
     "gemma3_text": dict(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         sliding_window=8,

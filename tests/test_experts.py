@@ -16,7 +16,10 @@ from awqkit.experts import LinearExperts, fused_weights, linearize_experts, set_
 from awqkit.quant import dequantize_groupwise, quantize_groupwise
 from conftest import save_tiny, tiny_model, walked_last_block_output
 
-MOE = ["mixtral", "qwen3_moe"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+# model type -> what its checkpoints call the MoE block and the experts' projections
+QWEN = ("mlp", ("gate_proj", "up_proj", "down_proj"))
+STORED = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen2_moe": QWEN, "qwen3_moe": QWEN}
 
 
 def _eager(model_type: str, **overrides):
@@ -47,9 +50,9 @@ def test_every_expert_linear_is_found_and_the_router_is_not(model_type):
     model = _eager(model_type)
     linearize_experts(model)
     names = set(block_linears(find_decoder(model).blocks[0]))
-    projections = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}[model_type]
+    projections = STORED[model_type][1]
     assert {f"mlp.experts.{e}.{p}" for e in range(4) for p in projections} <= names
-    assert not any(name.startswith("mlp.gate") for name in names)
+    assert not any(name.startswith("mlp.gate") or name.endswith("shared_expert_gate") for name in names)
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -203,10 +206,13 @@ def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_rou
     reference = output(block)
     groups = architecture_of(model).groups(block)
     norm_group = next(g for g in groups if g.smooth == "post_attention_layernorm")
-    assert norm_group.compensate == ("mlp.gate",) and len(norm_group.balance) == 8  # 4 experts x gate, up
+    # 4 experts x gate, up (Qwen2-MoE: and its shared expert's, whose sigmoid gate is compensated too)
+    shared = model_type == "qwen2_moe"
+    assert norm_group.compensate == ("mlp.gate", "mlp.shared_expert_gate")[: 1 + shared]
+    assert len(norm_group.balance) == 8 + 2 * shared
     g = torch.Generator().manual_seed(4)
     for group in groups:
-        if group.smooth and "experts" in group.smooth or group is norm_group:
+        if group.smooth and "expert" in group.smooth or group is norm_group:
             fold_scales(block, group, torch.rand(64 if group is norm_group else block.get_submodule(group.balance[0]).in_features, generator=g) + 0.5)
     assert torch.allclose(output(block), reference, atol=1e-5, rtol=1e-4)
     # without the router's compensation the routing, and so the output, changes
@@ -214,8 +220,6 @@ def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_rou
     assert not torch.allclose(output(block), reference, atol=1e-3, rtol=1e-3)
 
 
-# model type -> what its checkpoints call the MoE block and the experts' projections
-STORED = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -239,6 +243,11 @@ def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers
         assert torch.allclose(saved[router], original[router] * s, rtol=1e-6, atol=0)
     ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert {f"model.layers.0.{mlp}.gate", f"model.layers.1.{mlp}.gate", "lm_head"} <= set(ignored)
+    if model_type == "qwen2_moe":  # the shared expert is packed, its one-output sigmoid gate stays float
+        assert {f"model.layers.0.mlp.shared_expert.{p}" for p in projections} <= packed
+        assert "model.layers.0.mlp.shared_expert_gate" in ignored
+        assert saved["model.layers.0.mlp.shared_expert_gate.weight"].is_floating_point()
+    assert not any(".shared_expert." in name for name in ignored)
     reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
 

@@ -14,7 +14,7 @@ from awqkit.experts import EXPERT_NAMES, ExpertNames, LinearExperts, router_para
 
 SUPPORTED = (
     "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
-    "awqkit knows (Mixtral, Qwen3-MoE)"
+    "awqkit knows (Mixtral, Qwen2-MoE, Qwen3-MoE)"
 )
 
 
@@ -73,9 +73,16 @@ def _check_block(block: nn.Module, model_name: str) -> None:
         )
 
 
+# Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert.
+FLOAT_LINEARS = ("shared_expert_gate",)
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of one block, by name relative to the block, in module order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """Every nn.Linear of one block that gets quantized, by name relative to the block, in module order."""
+    return {
+        name: m for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_LINEARS
+    }  # fmt: skip
 
 
 # Linears whose groups are never clipped: AutoAWQ skips the query and key projections, whose
@@ -111,12 +118,23 @@ class ExpertGroups:
     norm: str
     names: ExpertNames
     mlp: str = "mlp"
+    # Qwen2-MoE: a dense MLP beside the experts reading the same input, and its float sigmoid gate
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
 
     def groups(self, n_experts: int) -> tuple[ScaleGroup, ...]:
         experts = [f"{self.mlp}.experts.{e}" for e in range(n_experts)]
-        gate_up = tuple(f"{x}.{p}" for x in experts for p in (self.names.gate, self.names.up))
+        gate_up = [f"{x}.{p}" for x in experts for p in (self.names.gate, self.names.up)]
+        compensate = [f"{self.mlp}.gate"]
+        shared = []
+        if self.shared_expert:
+            dense = f"{self.mlp}.{self.shared_expert}"
+            gate_up += [f"{dense}.gate_proj", f"{dense}.up_proj"]
+            compensate += [f"{self.mlp}.{self.shared_expert_gate}"] if self.shared_expert_gate else []
+            shared = [ScaleGroup(f"{dense}.up_proj", (f"{dense}.down_proj",))]
         return (
-            ScaleGroup(self.norm, gate_up, self.mlp, compensate=(f"{self.mlp}.gate",)),
+            ScaleGroup(self.norm, tuple(gate_up), self.mlp, compensate=tuple(compensate)),
+            *shared,
             *(ScaleGroup(f"{x}.{self.names.up}", (f"{x}.{self.names.down}",)) for x in experts),
         )
 
@@ -160,6 +178,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         t: Architecture(_llama_like("post_attention_layernorm"), experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES[t]))
         for t in ("mixtral", "qwen3_moe")
     },
+    "qwen2_moe": Architecture(
+        _llama_like("post_attention_layernorm"),
+        experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES["qwen2_moe"], shared_expert="shared_expert",
+                             shared_expert_gate="shared_expert_gate"),
+    ),  # fmt: skip
     **{t: Architecture(_llama_like("pre_feedforward_layernorm"), norm_offset=1.0) for t in ("gemma3", "gemma3_text")},
 }
 

@@ -215,16 +215,18 @@ def unique_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def float_linears(model: Any) -> list[str]:
-    """The linears outside the decoder blocks (lm_head) and the MoE routers: left float, so listed
-    as ignored (vLLM builds the routers as linears)."""
+    """The linears outside the decoder blocks (lm_head), the MoE routers and the linears blocks keep
+    float (Qwen2-MoE's shared-expert gate): left float, so listed as ignored (vLLM builds the
+    routers as linears)."""
     from torch import nn
 
-    from awqkit.architectures import find_decoder
+    from awqkit.architectures import FLOAT_LINEARS, find_decoder
     from awqkit.experts import router_names
 
     blocks = find_decoder(model).blocks_name + "."
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(blocks)]
-    return sorted([*outside, *router_names(model)])
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kept = [n for n in linears if not n.startswith(blocks) or n.rsplit(".", 1)[-1] in FLOAT_LINEARS]
+    return sorted([*kept, *router_names(model)])
 
 
 def write_model_files(

@@ -35,6 +35,7 @@ class ExpertNames:
 # model_type -> the projection names of its experts (architectures as data)
 EXPERT_NAMES = {
     "mixtral": ExpertNames("w1", "w3", "w2"),
+    "qwen2_moe": ExpertNames(),
     "qwen3_moe": ExpertNames(),
 }
 
@@ -143,15 +144,16 @@ def linearize_experts(model: nn.Module) -> int:
 
 
 def router_parameters(module: nn.Module) -> set[int]:
-    """ids of the parameters of MoE routers inside ``module``: the other children of a block
-    holding ``LinearExperts`` that are not nn.Linear (``mlp.gate``). They stay float by design."""
+    """ids of the parameters of MoE routers inside ``module``: the children of a block holding
+    ``LinearExperts`` that own a weight and are not nn.Linear (``mlp.gate``; not Qwen2-MoE's
+    shared expert, an MLP of linears). They stay float by design."""
     found = set()
     for parent in module.modules():
         children = list(parent.children())
         if any(isinstance(child, LinearExperts) for child in children):
             for child in children:
                 if not isinstance(child, (LinearExperts, nn.Linear)):
-                    found |= {id(p) for p in child.parameters()}
+                    found |= {id(p) for p in child.parameters(recurse=False)}
     return found
 
 
