@@ -47,6 +47,20 @@ def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text
     assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
 
 
+@pytest.mark.parametrize("moe_calibration", ["all", "routed"])
+def test_two_workers_write_the_one_worker_bytes_on_a_mixture_of_experts(moe_calibration, tokenizer, calib_text, tmp_path):
+    from conftest import save_tiny
+
+    model = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe")
+    extra = ["--group-size", "32", "--rounding", "greedy", "--moe-calibration", moe_calibration, "--min-tokens", "16"]
+    if moe_calibration == "all":
+        extra += ["--scales", "shared", "--objective", "module", "--symmetric", "--format", "compressed-tensors"]
+    for workers in (1, 2):
+        done = _run(workers, model, tmp_path / f"w{workers}", calib_text, *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
+
+
 def test_more_workers_than_calibration_batches_is_one_line_and_nothing_written(tiny_llama_dir, calib_text, tmp_path):
     done = _run(2, tiny_llama_dir, tmp_path / "out", calib_text, "--n-calib", "2", "--batch-size", "2")
     said = [line for line in done.stderr.splitlines() if line.startswith("awqkit: error:")]
