@@ -152,6 +152,8 @@ def quantize_model(
     """
     config.validate()
     linearize_experts(model)
+    if config.format == "awq" and has_experts(model):
+        raise ValueError(AWQ_EXPERTS)
     layout = find_decoder(model)
     architecture = architecture_of(model) if config.scales == "shared" else None
     timings: dict[str, float] = {}
@@ -329,6 +331,10 @@ def quantize(
     return result
 
 
+# transformers reads AutoAWQ GEMM tensors into nn.Linear only, not into its fused experts
+AWQ_EXPERTS = "format awq cannot hold mixture-of-experts weights; use compressed-tensors (vLLM) or fake"
+
+
 def _check_fits(source: Any, config: QuantizeConfig) -> None:
     from awqkit.architectures import block_linears
     from awqkit.formats import check_packable
@@ -343,8 +349,7 @@ def _check_fits(source: Any, config: QuantizeConfig) -> None:
     if config.format == "gguf":
         check_gguf_model(source.config)
     if config.format == "awq" and has_experts(source.model):
-        # transformers reads AutoAWQ GEMM tensors into nn.Linear only, not into its fused experts
-        raise ValueError("format awq cannot hold mixture-of-experts weights; use compressed-tensors (vLLM) or fake")
+        raise ValueError(AWQ_EXPERTS)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
