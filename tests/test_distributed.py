@@ -37,7 +37,8 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS}
 
 
-@pytest.mark.parametrize("case", CASES)
+# per-linear nearest runs on SmolLM2 below; greedy with clipping covers the per-linear path here
+@pytest.mark.parametrize("case", ["per-linear greedy clip both", "shared module greedy awq"])
 def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text, tmp_path):
     for workers in (1, 2):
         done = _run(workers, tiny_llama_dir, tmp_path / f"w{workers}", calib_text, *CASES[case])
