@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import save_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from awqkit.architectures import block_linears, find_decoder
 from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
-from awqkit.experts import LinearExperts, fused_weights, linearize_experts, set_every_token
+from awqkit.experts import LinearExperts, linearize_experts, set_every_token
 from awqkit.quant import dequantize_groupwise, quantize_groupwise
-from conftest import save_tiny, tiny_model, walked_last_block_output
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 # model type -> what its checkpoints call the MoE block and the experts' projections
@@ -24,6 +24,13 @@ STORED = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen2_moe": QWEN
 
 def _eager(model_type: str, **overrides):
     return tiny_model(model_type, experts_implementation="eager", **overrides)
+
+
+def fused_weights(experts: LinearExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] from the experts' linears."""
+    gate_up = torch.stack([torch.cat([getattr(e, e.names.gate).weight, getattr(e, e.names.up).weight]) for e in experts])
+    down = torch.stack([getattr(e, e.names.down).weight for e in experts])
+    return gate_up, down
 
 
 @pytest.mark.parametrize("model_type", MOE)
@@ -101,7 +108,7 @@ def test_a_run_quantizes_every_expert_keeps_the_router_and_loads_in_transformers
             assert torch.equal(saved[name], tensor), name  # router, norms, embeddings untouched
     record = json.loads((out / "awqkit.json").read_text())["layers"]
     assert {name.removesuffix(".weight") for name in experts} <= set(record)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
 
 
@@ -248,7 +255,7 @@ def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers
         assert "model.layers.0.mlp.shared_expert_gate" in ignored
         assert saved["model.layers.0.mlp.shared_expert_gate.weight"].is_floating_point()
     assert not any(".shared_expert." in name for name in ignored)
-    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
 
 

@@ -113,13 +113,6 @@ def linear_experts(fused: nn.Module, names: ExpertNames) -> LinearExperts:
     return LinearExperts(experts)
 
 
-def fused_weights(experts: LinearExperts) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] from the experts' linears."""
-    gate_up = torch.stack([torch.cat([getattr(e, e.names.gate).weight, getattr(e, e.names.up).weight]) for e in experts])
-    down = torch.stack([getattr(e, e.names.down).weight for e in experts])
-    return gate_up, down
-
-
 def linearize_experts(model: nn.Module) -> int:
     """Replace every fused experts module of ``model`` by ``LinearExperts``; returns how many.
 
