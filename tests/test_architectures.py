@@ -3,7 +3,8 @@ import torch
 from conftest import tiny_model, walked_last_block_output
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from awqkit.architectures import UnsupportedModelError, block_linears, find_decoder
+from awqkit.architectures import block_linears, find_decoder
+from awqkit.errors import UnsupportedModelError
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])

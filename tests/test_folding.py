@@ -2,16 +2,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from awqkit.architectures import (
-    ARCHITECTURES,
-    UnsupportedModelError,
-    architecture_of,
-    find_decoder,
-    foldable,
-)
+from awqkit.architectures import ARCHITECTURES, architecture_of, find_decoder, foldable
 from awqkit.blockquant import module_output_error
 from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.config import QuantizeConfig
+from awqkit.errors import UnsupportedModelError
 from awqkit.folding import divide_output, fold_normalizer, fold_scales
 from awqkit.pipeline import quantize_model
 from awqkit.quant import dequantize_groupwise
@@ -89,6 +84,38 @@ def test_module_error_is_zero_for_the_original_weights():
     error_of = module_output_error(mlp, ["gate_proj.weight", "up_proj.weight"], [96, 96], visit.module_inputs["mlp"])
     assert error_of(w) == 0.0
     assert error_of(w * 1.01) > 0.0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("module, weights", [("self_attn", ["q_proj", "k_proj", "v_proj"]), ("mlp", ["gate_proj", "up_proj"])])
+def test_module_error_is_the_mse_of_the_batched_output_and_its_window_sums_split(model_type, module, weights):
+    from torch.func import functional_call
+
+    from awqkit.shares import row_blocks
+
+    model = tiny_model(model_type)
+    layout = find_decoder(model)
+    ids = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(1))
+    inputs = capture_block_inputs(layout, ids, 4, torch.float32)
+    visit = next(walk_blocks(layout, inputs, search_indices=search_token_indices(64, 8, 0), record_modules=[module]))
+    part = visit.block.get_submodule(module)
+    linears = [part.get_submodule(name) for name in weights]
+    w = torch.cat([linear.weight for linear in linears]).detach()
+    w_hat = w + 0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    sizes = [linear.out_features for linear in linears]
+    names = [f"{name}.weight" for name in weights]
+    error_of = module_output_error(part, names, sizes, visit.module_inputs[module])
+    assert error_of.n_parts == 4  # one part per calibration window
+    args, kwargs = visit.module_inputs[module]
+    with torch.no_grad():  # the module on the whole batch at once, as the block runs it
+        reference = part(*args, **kwargs)[0] if module == "self_attn" else part(*args, **kwargs)
+        changed = functional_call(part, dict(zip(names, w_hat.split(sizes))), args, kwargs)
+        changed = changed[0] if module == "self_attn" else changed
+    literal = (changed.double() - reference.double()).pow(2).mean().item()
+    assert literal > 0 and abs(error_of(w_hat) - literal) <= 1e-5 * literal
+    whole = error_of.window_sums(w_hat, range(4))
+    split = [error_of.window_sums(w_hat, range(b.start, b.stop)) for b in row_blocks(4, 3, 1)]
+    assert torch.equal(torch.cat(split), whole)
 
 
 @pytest.mark.parametrize("objective", ["linear", "module"])

@@ -329,7 +329,8 @@ def test_bad_quantize_inputs_are_one_line_exit_2_and_write_nothing(case, tiny_ll
 def test_fused_expert_weights_are_refused_not_half_quantized():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from awqkit.architectures import UnsupportedModelError, find_decoder
+    from awqkit.architectures import find_decoder
+    from awqkit.errors import UnsupportedModelError
 
     config = AutoConfig.for_model(
         "mixtral", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,

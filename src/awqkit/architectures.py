@@ -10,16 +10,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from awqkit.errors import UnsupportedModelError
 from awqkit.experts import EXPERT_NAMES, ExpertNames, LinearExperts, router_parameters
 
 SUPPORTED = (
     "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
     "awqkit knows (Mixtral, Qwen2-MoE, Qwen3-MoE)"
 )
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from awqkit.architectures import UNCLIPPED, ScaleGroup, block_linears, foldable
-from awqkit.calibration import BlockArgs, BlockVisit, LinearStats
+from awqkit.calibration import BlockArgs, BlockVisit, LinearStats, window_count, window_of
 from awqkit.config import QuantizeConfig
 from awqkit.folding import fold_normalizer, fold_scales
 from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
@@ -59,21 +59,56 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def module_output_error(module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs) -> ErrorFn:
-    """The MSE of ``module``'s output when the named weights (stacked by rows) are replaced."""
-    from torch.func import functional_call
+class ModuleOutputError:
+    """The MSE of ``module``'s output when the named weights (stacked by rows) are replaced by W_hat,
+    on the module's recorded inputs. The module runs one calibration window at a time and the
+    squares are summed in float64 per window: the parts of a ``SummedError``, so processes split
+    the windows (each needs the whole W_hat) and every window's bits are the same in any split.
+    """
 
-    args, kwargs = inputs
-    with torch.no_grad():
-        reference = _first(module(*args, **kwargs)).float()
-    dtype = next(module.parameters()).dtype  # the module runs in the compute dtype; W_hat is float32
+    def __init__(self, module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs):
+        self.module, self.weight_names, self.sizes = module, weight_names, sizes
+        self.windows = [window_of(inputs, i) for i in range(window_count(inputs))]
+        self.n_parts = len(self.windows)
+        self.dtype = next(module.parameters()).dtype  # the module runs in the compute dtype; W_hat is float32
+        self._references: dict[int, torch.Tensor] = {}
 
-    def error_of(w_hat: torch.Tensor) -> float:
-        params = dict(zip(weight_names, w_hat.to(dtype).split(sizes)))
+    def _output(self, window: int, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        from torch.func import functional_call
+
+        args, kwargs = self.windows[window]
         with torch.no_grad():
-            return (_first(functional_call(module, params, args, kwargs)).float() - reference).pow(2).mean().item()
+            out = self.module(*args, **kwargs) if params is None else functional_call(self.module, params, args, kwargs)
+        return _first(out).float()
 
-    return error_of
+    def _reference(self, window: int) -> torch.Tensor:
+        if window not in self._references:
+            self._references[window] = self._output(window)
+        return self._references[window]
+
+    def window_sums(self, w_hat: torch.Tensor, windows: range) -> torch.Tensor:
+        """The float64 sums of squared output differences of each window in ``windows`` (W_hat whole)."""
+        params = dict(zip(self.weight_names, w_hat.to(self.dtype).split(self.sizes)))
+        sums = [(self._output(i, params) - self._reference(i)).double().square().sum() for i in windows]
+        return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=w_hat.device)
+
+    def local_sums(self, w_hat: torch.Tensor, rows: RowShare) -> torch.Tensor:
+        n_rows = sum(self.sizes)
+        mine = rows.part(self.n_parts, unit=1)
+        return self.window_sums(rows.gather(w_hat, n_rows), range(mine.start, mine.stop))
+
+    def mean(self, sums: torch.Tensor) -> float:
+        # Windows have one length, so any window's output size is every window's.
+        window = next(iter(self._references), 0)
+        return (sums.sum() / (self._reference(window).numel() * self.n_parts)).item()
+
+    def __call__(self, w_hat: torch.Tensor) -> float:
+        return self.mean(self.window_sums(w_hat, range(self.n_parts)))
+
+
+def module_output_error(module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs) -> ModuleOutputError:
+    """The MSE of ``module``'s output on ``inputs`` when the named weights are replaced by W_hat."""
+    return ModuleOutputError(module, weight_names, sizes, inputs)
 
 
 def _group_error(visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig) -> ErrorFn:

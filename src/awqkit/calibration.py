@@ -194,6 +194,31 @@ class LinearStats:
 BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keyword args
 
 
+def window_count(inputs: BlockArgs) -> int:
+    """How many calibration windows a module's recorded inputs hold: its hidden states' batch size."""
+    args, kwargs = inputs
+    return (args[0] if args else kwargs["hidden_states"]).shape[0]
+
+
+def window_of(inputs: BlockArgs, window: int) -> BlockArgs:
+    """A module's recorded inputs for one calibration window: every tensor of at least two
+    dimensions whose first is the batch (hidden states, rotary cos/sin, a 4-D mask) cut to that
+    window; the rest (cache positions, shared masks of batch 1, None) as recorded."""
+    n = window_count(inputs)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[window : window + 1] if value.dim() >= 2 and value.shape[0] == n else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(cut(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    args, kwargs = inputs
+    return cut(args), cut(kwargs)
+
+
 @dataclass
 class BlockInputs:
     """What enters the blocks: block 0's hidden states and each block's own arguments, per batch

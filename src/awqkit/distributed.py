@@ -71,9 +71,9 @@ class Workers:
             dist.broadcast_object_list(box, src=source)
         return box[0]
 
-    def part(self, n_rows: int) -> slice:
+    def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
         """This worker's block of a weight's output rows (awqkit.shares.RowShare)."""
-        return row_blocks(n_rows, self.world)[self.rank]
+        return row_blocks(n_rows, self.world, unit)[self.rank]
 
     def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
         """Every worker's block of rows, stacked in row order, on every worker."""

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from awqkit.errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ExpertNames:
@@ -124,8 +126,6 @@ def linearize_experts(model: nn.Module) -> int:
         return 0
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in EXPERT_NAMES:
-        from awqkit.architectures import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"{model_type!r} keeps fused mixture-of-experts weights; awqkit quantizes the experts of "
             f"{', '.join(sorted(EXPERT_NAMES))}"

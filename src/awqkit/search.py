@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -86,18 +86,40 @@ class NonFiniteError(ValueError):
 ErrorFn = Callable[[torch.Tensor], float]
 
 
+@runtime_checkable
+class SummedError(Protocol):
+    """An error that is a mean over parts (a linear's row chunks, a module's input windows), each
+    part's sum of squares taken in float64: processes that split the parts add their sums, in part
+    order, to the one-process bits."""
+
+    n_parts: int
+
+    def local_sums(self, w_hat: torch.Tensor, rows: RowShare) -> torch.Tensor:
+        """The float64 sums of this process's parts; ``w_hat`` holds its ``rows`` of W_hat."""
+        ...
+
+    def mean(self, sums: torch.Tensor) -> float:
+        """The error from every part's sum, in part order."""
+        ...
+
+    def __call__(self, w_hat: torch.Tensor) -> float:
+        """The error of a whole W_hat, measured by one process."""
+        ...
+
+
 class LinearOutputError:
     """mean((X (W - W_hat)^T)^2), the output MSE of the linear(s) with weight ``w`` on input
     tokens ``x`` [n, in]: it equals the MSE of X W^T + b against X W_hat^T + b exactly, since the
     bias cancels, and one product avoids subtracting two large outputs.
 
     The squares are summed in float64 per chunk of ``ROW_CHUNK`` rows (the product in the dtype
-    of ``x``, bf16 where that is faster) and the chunk sums added in row order: workers that each
-    hold whole chunks of rows compute their chunks' sums, and the sums add to the one-worker bits.
+    of ``x``, bf16 where that is faster): the parts of a ``SummedError``, so a process needs only
+    its own rows of W_hat.
     """
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor):
         self.x, self.w = x, w
+        self.n_parts = -(-w.shape[0] // ROW_CHUNK)
 
     def chunk_sums(self, w_hat: torch.Tensor, rows: slice) -> torch.Tensor:
         """The float64 sums of squares of each chunk of ``rows`` (``w_hat`` holds those rows)."""
@@ -108,9 +130,11 @@ class LinearOutputError:
         ]
         return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.x.device)  # no rows here
 
-    def mean(self, chunk_sums: torch.Tensor) -> float:
-        """The MSE from every chunk's sum, in row order."""
-        return (chunk_sums.sum() / (self.x.shape[0] * self.w.shape[0])).item()
+    def local_sums(self, w_hat: torch.Tensor, rows: RowShare) -> torch.Tensor:
+        return self.chunk_sums(w_hat, rows.part(self.w.shape[0]))
+
+    def mean(self, sums: torch.Tensor) -> float:
+        return (sums.sum() / (self.x.shape[0] * self.w.shape[0])).item()
 
     def __call__(self, w_hat: torch.Tensor) -> float:
         return self.mean(self.chunk_sums(w_hat, slice(0, self.w.shape[0])))
@@ -121,13 +145,23 @@ def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> LinearOutputError:
     return LinearOutputError(x, w)
 
 
+def whole_errors(error_of: ErrorFn, rows: RowShare, w_hats: Iterable[torch.Tensor], n_rows: int) -> list[float]:
+    """The error of each whole W_hat when this process holds ``w_hats``, its ``rows`` of each.
+
+    A ``SummedError``'s part sums are gathered once for all the W_hats (one exchange, not one per
+    candidate: each is a point where every process waits for the slowest); any other error is
+    measured on each W_hat gathered whole.
+    """
+    if isinstance(error_of, SummedError):
+        sums = torch.stack([error_of.local_sums(w_hat, rows) for w_hat in w_hats], dim=1)  # [parts here, W_hats]
+        every = rows.gather(sums, error_of.n_parts, unit=1).T.contiguous()  # one W_hat's sums per row
+        return [error_of.mean(part_sums) for part_sums in every]
+    return [error_of(rows.gather(w_hat, n_rows)) for w_hat in w_hats]
+
+
 def whole_error(error_of: ErrorFn, rows: RowShare, w_hat: torch.Tensor, n_rows: int) -> float:
-    """The error of the whole W_hat when this process holds ``w_hat``, its ``rows``: a linear's
-    from every process's chunk sums, any other error measured on the gathered W_hat."""
-    if isinstance(error_of, LinearOutputError):
-        part = rows.part(n_rows)
-        return error_of.mean(rows.gather(error_of.chunk_sums(w_hat, part), -(-n_rows // ROW_CHUNK), unit=1))
-    return error_of(rows.gather(w_hat, n_rows))
+    """``whole_errors`` of one W_hat."""
+    return whole_errors(error_of, rows, [w_hat], n_rows)[0]
 
 
 def alpha_grid(n_grid: int) -> list[float]:
@@ -170,28 +204,30 @@ def search_scales(
     """Quantize ``w`` [out, in] at each candidate's scales and keep the first with the least error.
 
     This process quantizes only its ``rows``, and every candidate's error is that of the whole
-    W_hat (``whole_error``), so every process keeps the same candidate.
+    W_hat (``whole_errors``), so every process keeps the same candidate.
     """
     rounding = rounding or (lambda scales: round_nearest)
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteError("the weight holds NaN or infinite values")
     n_rows = w.shape[0]
     mine = w[rows.part(n_rows)]
-    best: SearchResult | None = None
-    errors: list[float] = []
-    for candidate in candidates:
-        scales = candidate.scales.to(w.dtype)
-        if not bool(torch.isfinite(scales).all()):
-            raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
-        quantized = quantize_groupwise(mine * scales, bits, group_size, rounding(scales), symmetric=symmetric)
-        error = whole_error(error_of, rows, dequantize_groupwise(quantized).div_(scales), n_rows)
+    scales = [candidate.scales.to(w.dtype) for candidate in candidates]
+    if not all(bool(torch.isfinite(s).all()) for s in scales):
+        raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
+
+    def quantized_at(s: torch.Tensor) -> GroupQuantized:
+        return quantize_groupwise(mine * s, bits, group_size, rounding(s), symmetric=symmetric)
+
+    w_hats = (dequantize_groupwise(quantized_at(s)).div_(s) for s in scales)
+    errors = whole_errors(error_of, rows, w_hats, n_rows)
+    for candidate, error in zip(candidates, errors):
         if not math.isfinite(error):
             raise NonFiniteError(f"the output error at {candidate.scaling} alpha {candidate.alpha:g} is {error}")
-        errors.append(error)
-        if best is None or error < best.error:
-            best = SearchResult(candidate.alpha, scales, quantized, error, errors, candidate.scaling)
-    assert best is not None
-    return replace(best, errors=errors, quantized=gather_quantized(rows, best.quantized, n_rows))
+    best = errors.index(min(errors))  # the first of the least
+    # Quantized again rather than every candidate's integers held: one more rounding of one weight.
+    quantized = gather_quantized(rows, quantized_at(scales[best]), n_rows)
+    chosen = candidates[best]
+    return SearchResult(chosen.alpha, scales[best], quantized, errors[best], errors, chosen.scaling)
 
 
 def search_alpha(

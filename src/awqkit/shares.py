@@ -24,8 +24,9 @@ ROW_CHUNK = 32
 
 
 class RowShare(Protocol):
-    def part(self, n_rows: int) -> slice:
-        """This process's rows of a weight with ``n_rows`` output rows."""
+    def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
+        """This process's rows of a weight with ``n_rows`` output rows (``unit=1``: its share of
+        ``n_rows`` single items, such as calibration windows)."""
         ...
 
     def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
@@ -45,7 +46,7 @@ def row_blocks(n_rows: int, world: int, unit: int = ROW_CHUNK) -> list[slice]:
 class AllRows:
     """One process: every row is its own."""
 
-    def part(self, n_rows: int) -> slice:
+    def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
         return slice(0, n_rows)
 
     def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:
