@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import loaded_pair
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from awqkit.cli import main
 from awqkit.formats.awq_gemm import AWQ_ORDER, awq_gemm_tensors, pack_awq, unpack_awq

@@ -142,7 +142,7 @@ class LinearStats:
 
     Each batch adds float64 sums of x, x^2 and |x| and its share of the search tokens; the totals
     add the batches up in batch order, so workers that each ran some batches and then pooled
-    them (``merge``) hold exactly what one worker running them all would.
+    them (``_pool``) hold exactly what one worker running them all would.
     """
 
     in_features: int
@@ -160,11 +160,6 @@ class LinearStats:
         batch = len(self.batches) if batch is None else batch
         sums = (x64.sum(dim=0), x64.square().sum(dim=0), x64.abs().sum(dim=0))
         self.batches[batch] = (*sums, x.shape[0], x[sample_rows.to(x.device)])
-
-    def merge(self, batches: dict[int, tuple]) -> None:
-        """Take in batches run elsewhere (on the CPU), moved to this statistic's device."""
-        for batch, (s1, s2, s_abs, count, rows) in batches.items():
-            self.batches[batch] = (s1.to(self.device), s2.to(self.device), s_abs.to(self.device), count, rows.to(self.device))
 
     def _total(self, part: int) -> torch.Tensor:
         total = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
@@ -354,13 +349,36 @@ def _pool(
     stats: dict[str, LinearStats], module_inputs: dict[str, BlockArgs], workers: Workers, device: torch.device
 ) -> dict[str, BlockArgs]:
     """Every worker's batches into every worker's statistics; the module inputs of batch 0 (worker
-    0's first) to all. Returns the module inputs."""
-    owners = {id(s): name for name, s in stats.items()}  # one entry per shared statistic
-    local = {name: moved(stats[name].batches, "cpu") for name in owners.values()}
-    for rank, theirs in enumerate(workers.everyones(local)):
-        if rank != workers.rank:
-            for name, batches in theirs.items():
-                stats[name].merge(batches)
+    0's first) to all. Returns the module inputs.
+
+    A worker's batches travel as three flat tensors: per statistic its batch count, then batch id,
+    token count and search rows per batch (int64); the float64 sums; the search-token rows.
+    """
+    owners = list({id(s): name for name, s in stats.items()}.values())  # one entry per shared statistic
+    header, sums, rows = [], [], []
+    for name in owners:
+        batches = stats[name].batches
+        header.append(len(batches))
+        for batch in sorted(batches):
+            s1, s2, s_abs, count, search_rows = batches[batch]
+            header += [batch, count, search_rows.shape[0]]
+            sums += [s1, s2, s_abs]
+            rows.append(search_rows.reshape(-1))
+    packed = [torch.tensor(header, dtype=torch.int64, device=device), torch.cat(sums), torch.cat(rows)]
+    for rank, (their_header, their_sums, their_rows) in enumerate(workers.everyones_tensors(packed)):
+        if rank == workers.rank:
+            continue
+        values, at, sum_at, row_at = their_header.tolist(), 0, 0, 0
+        for name in owners:
+            n_in = stats[name].in_features
+            n_batches, at = values[at], at + 1
+            for _ in range(n_batches):
+                batch, count, n_rows = values[at : at + 3]
+                at += 3
+                s1, s2, s_abs = their_sums[sum_at : sum_at + 3 * n_in].view(3, n_in)
+                search_rows = their_rows[row_at : row_at + n_rows * n_in].view(n_rows, n_in)
+                sum_at, row_at = sum_at + 3 * n_in, row_at + n_rows * n_in
+                stats[name].batches[batch] = (s1, s2, s_abs, count, search_rows)
     return moved(workers.broadcast(moved(module_inputs, "cpu")), device)
 
 

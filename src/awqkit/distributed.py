@@ -4,11 +4,13 @@ what they measured meets.
 ``torchrun --nproc-per-node N -m awqkit quantize ...`` starts N workers (NCCL between GPUs, gloo
 between CPUs; several nodes with torchrun's rendezvous flags). Calibration batch b belongs to
 worker b mod N, which alone runs it through the blocks and keeps its hidden states. The per-batch
-statistics are gathered and summed in batch order, so every worker holds exactly the sums one
-worker would have. The search and the rounding split each weight by output rows (awqkit.shares):
-every worker quantizes its block of rows, and the blocks are gathered whole before each output
-error, so every worker measures the same errors and chooses the same scales; worker 0 writes the
-checkpoint. Without torchrun's environment there is one worker and nothing here communicates.
+statistics are gathered (``everyones_tensors``) and summed in batch order, so every worker holds
+exactly the sums one worker would have. The search and the rounding split each weight by output
+rows (awqkit.shares): every worker quantizes its block of rows for every candidate and sums its
+part of each candidate's error (its row chunks of a linear's output; its calibration windows of
+a module's, on the candidate gathered whole); the part sums are gathered once per search, so every
+worker measures the same errors and chooses the same scales; worker 0 writes the checkpoint.
+Without torchrun's environment there is one worker and nothing here communicates.
 """
 
 from __future__ import annotations
@@ -53,14 +55,28 @@ class Workers:
         """Worker 0 writes the checkpoint; the others compute the same choices and write nothing."""
         return self.rank == 0
 
-    def everyones(self, value: Any) -> list[Any]:
-        """Every worker's ``value``, in rank order, on every worker (send CPU tensors)."""
+    def everyones_tensors(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Every worker's ``tensors`` (1-D, of any lengths; each position one dtype on every
+        worker), in rank order, on every worker: one exchange of lengths, then one per position,
+        with no pickling (``all_gather_object`` pickles: slow for the megabytes of calibration statistics)."""
         if self.world == 1:
-            return [value]
-        values: list[Any] = [None] * self.world
+            return [tensors]
+        device = tensors[0].device
+        lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.int64, device=device)
+        every_lengths = [torch.empty_like(lengths) for _ in range(self.world)]
         with _collective():
-            dist.all_gather_object(values, value)
-        return values
+            dist.all_gather(every_lengths, lengths)
+        theirs: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        for i, tensor in enumerate(tensors):
+            counts = [int(n[i]) for n in every_lengths]
+            padded = tensor.new_zeros(max(counts))
+            padded[: tensor.numel()] = tensor
+            received = [torch.empty_like(padded) for _ in range(self.world)]
+            with _collective():
+                dist.all_gather(received, padded)
+            for rank, count in enumerate(counts):
+                theirs[rank].append(received[rank][:count])
+        return theirs
 
     def broadcast(self, value: Any, source: int = 0) -> Any:
         """``value`` as worker ``source`` holds it, on every worker."""
