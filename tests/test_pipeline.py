@@ -344,9 +344,8 @@ def test_fused_expert_weights_are_refused_not_half_quantized():
 
 
 def test_float16_model_with_large_activations_exports_finite_awq_scales(tokenizer, calib_text, tmp_path):
-    from safetensors.torch import save_file
-
     from conftest import save_tiny
+    from safetensors.torch import save_file
 
     model_dir = save_tiny(tmp_path / "model", tokenizer, dtype=torch.float16)
     state = load_file(model_dir / "model.safetensors")

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 
 from awqkit.architectures import UNCLIPPED, ScaleGroup, block_linears, foldable
 from awqkit.calibration import BlockArgs, BlockVisit, LinearStats, window_count, window_of
+from awqkit.clip import clip_search
 from awqkit.config import QuantizeConfig
 from awqkit.folding import fold_normalizer, fold_scales
 from awqkit.quant import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from awqkit.rounding import RoundingFactory, make_rounding
 from awqkit.runtime import timed
-from awqkit.clip import clip_search
 from awqkit.search import (
     ErrorFn,
     NonFiniteError,

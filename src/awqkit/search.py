@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from awqkit.quant import GroupQuantized, as_groups, from_groups, dequantize_groupwise, quantize_groupwise, round_nearest
+from awqkit.quant import GroupQuantized, as_groups, dequantize_groupwise, from_groups, quantize_groupwise, round_nearest
 from awqkit.rounding import RoundingFactory
 from awqkit.shares import ALL_ROWS, ROW_CHUNK, RowShare, gather_quantized
 
