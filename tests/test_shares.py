@@ -97,10 +97,10 @@ def test_a_search_over_a_share_of_rows_chooses_and_returns_what_one_process_does
     for c in candidates:
         q = quantize_groupwise(w * c.scales, 4, 32, factory(c.scales))
         sums.append(error_of.chunk_sums(dequantize_groupwise(q).div_(c.scales), slice(0, 77)))
-        computed += [q.q, q.scale, q.zero]
+        computed.append(torch.cat([q.q, q.scale, q.zero], dim=1))
     rank0 = _RankZero(w.shape[0], [torch.stack(sums, dim=1), *computed])
     split = search_scales(w, candidates, error_of, rows=rank0, **grid)
-    assert rank0.gathered == 1 + 3  # every candidate's chunk sums at once, then q, scale, zero
+    assert rank0.gathered == 2  # every candidate's chunk sums at once, then the chosen q, scale, zero
     assert split.alpha == one.alpha and split.errors == one.errors
     for field in ("q", "scale", "zero"):
         assert torch.equal(getattr(split.quantized, field), getattr(one.quantized, field))

@@ -57,6 +57,8 @@ ALL_ROWS = AllRows()
 
 
 def gather_quantized(rows: RowShare, part: GroupQuantized, n_rows: int) -> GroupQuantized:
-    """The whole weight's integers, scales and zeros from every process's rows."""
-    return replace(part, q=rows.gather(part.q, n_rows), scale=rows.gather(part.scale, n_rows),
-                   zero=rows.gather(part.zero, n_rows))  # fmt: skip
+    """The whole weight's integers, scales and zeros from every process's rows, in one exchange."""
+    pieces = (part.q, part.scale, part.zero)
+    whole = rows.gather(torch.cat(pieces, dim=1), n_rows)  # float32 holds the integers exactly
+    q, scale, zero = (p.to(piece.dtype) for p, piece in zip(whole.split([p.shape[1] for p in pieces], dim=1), pieces))
+    return replace(part, q=q, scale=scale, zero=zero)
