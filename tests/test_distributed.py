@@ -18,6 +18,7 @@ CASES = {
     "per-linear nearest": ["--group-size", "32"],
     "per-linear greedy clip both": ["--group-size", "32", "--rounding", "greedy", "--clip", "--scaling", "both"],
     "shared module greedy awq": ["--group-size", "32", "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--format", "awq"],
+    "shared nearest compressed-tensors": ["--group-size", "32", "--scales", "shared", "--format", "compressed-tensors"],
 }  # fmt: skip
 
 
@@ -112,7 +113,7 @@ def test_a_killed_worker_fails_the_run_and_nothing_appears_at_out(tokenizer, cal
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("case", ["per-linear nearest", "shared module greedy awq"])
+@pytest.mark.parametrize("case", ["per-linear nearest", "per-linear greedy clip both", "shared nearest compressed-tensors", "shared module greedy awq"])
 def test_two_workers_on_smollm2_write_the_one_worker_bytes(case, smollm2_dir, tmp_path):
     extra = [*CASES[case], "--group-size", "64"]
     for workers in (1, 2):
