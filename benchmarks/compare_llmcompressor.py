@@ -202,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     sizes = {**(SMOKE if args.smoke else {}), **{k: v for k, v in vars(args).items() if v is not None}}
     fields = {k: v for k, v in sizes.items() if k in Settings.__dataclass_fields__}
     settings = Settings(**{**fields, "scaling": not args.skip_scaling})
-    unknown = set(settings.methods) - {LLMC, *AWQKIT_METHODS}
+    unknown = set(settings.methods) - {*LLMC_METHODS, *AWQKIT_METHODS}
     if unknown:
         p.error(f"unknown methods: {', '.join(sorted(unknown))}")
     return settings, args
@@ -445,7 +445,7 @@ def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> li
         folder = model_folder(name)
         linears = decoder_linears(folder)
         for group in s.group_sizes:
-            refusal = llmc_refusal(linears, group) if LLMC in methods else None
+            refusal = llmc_refusal(linears, group) if LLMC_METHODS.keys() & set(methods) else None
             if refusal:
                 notes.append(f"skipped {model_label(name)} at group {group}: llm-compressor refuses it ({refusal})")
                 continue
