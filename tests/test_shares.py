@@ -69,6 +69,8 @@ class _RankZero:
     """Rank 0 of 2 in one process: ``gather`` returns the whole tensor one process computed that
     begins with rank 0's part, so the search sees what the collective would give it."""
 
+    world = 2
+
     def __init__(self, n_rows: int, computed: list[torch.Tensor]):
         self.mine = row_blocks(n_rows, 2)[0]
         self.computed = computed

@@ -24,6 +24,8 @@ ROW_CHUNK = 32
 
 
 class RowShare(Protocol):
+    world: int  # how many processes share the rows
+
     def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
         """This process's rows of a weight with ``n_rows`` output rows (``unit=1``: its share of
         ``n_rows`` single items, such as calibration windows)."""
@@ -46,6 +48,8 @@ def row_blocks(n_rows: int, world: int, unit: int = ROW_CHUNK) -> list[slice]:
 class AllRows:
     """One process: every row is its own."""
 
+    world = 1
+
     def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
         return slice(0, n_rows)
 
@@ -58,6 +62,8 @@ ALL_ROWS = AllRows()
 
 def gather_quantized(rows: RowShare, part: GroupQuantized, n_rows: int) -> GroupQuantized:
     """The whole weight's integers, scales and zeros from every process's rows, in one exchange."""
+    if rows.world == 1:  # the world, not this process's rows: a process holding every row still joins
+        return part
     pieces = (part.q, part.scale, part.zero)
     whole = rows.gather(torch.cat(pieces, dim=1), n_rows)  # float32 holds the integers exactly
     q, scale, zero = (p.to(piece.dtype) for p, piece in zip(whole.split([p.shape[1] for p in pieces], dim=1), pieces))
