@@ -34,6 +34,8 @@ GGUF_TYPES = {(4, False): "Q4_1", (4, True): "Q4_0", (8, True): "Q8_0"}
 # transformers model_type -> GGUF architecture name
 ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 GGUF_FILE = "model.gguf"
+# the dtypes awqkit's checkpoints hold, as the safetensors header names them
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 # A BPE tokenizer's pre-tokenizer must be named for llama.cpp to split text as the model was
 # trained; it is recognised by the ids it gives this text (llama.cpp does the same with its own).
 PRETOKENIZER_PROBE = "Hello world!  It's 2026: 3.14159 apples\n\n\tcost $12,345 (¡olé!) 你好 — x==y   z"
@@ -198,22 +200,29 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {name: folder / "model.safetensors" for name in handle.keys()}
 
 
-def _gguf_tensor(name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str) -> tuple[np.ndarray, Any]:
-    """The array to write and its GGML type (None: from the numpy dtype)."""
+def _gguf_tensor(name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str) -> tuple[torch.Tensor, Any]:
+    """The tensor as GGUF stores it and its GGML type (None: from the dtype). Shape-only on the
+    meta device, so the header is planned from the safetensors header without reading a tensor."""
     import gguf
 
     if architecture == "llama" and name.endswith(("q_proj.gguf", "k_proj.gguf", "q_proj.weight", "k_proj.weight")):
         heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
         tensor = _rotary_order(tensor, heads)
     if name.endswith(".gguf"):
-        return tensor.numpy(), gguf.GGMLQuantizationType[type_name]
+        return tensor, gguf.GGMLQuantizationType[type_name]
     if architecture == "gemma3" and name.endswith("norm.weight"):
         tensor = tensor.float() + 1.0
     if tensor.dim() == 1 or tensor.dtype == torch.float32:
-        return tensor.float().numpy(), None
+        return tensor.float(), None
     if tensor.dtype == torch.float16:
-        return tensor.numpy(), None
-    return tensor.contiguous().view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
+        return tensor, None
+    return tensor.contiguous().view(torch.uint8), gguf.GGMLQuantizationType.BF16
+
+
+def _header_tensor(handle: Any, name: str) -> torch.Tensor:
+    """A meta tensor of the shape and dtype the safetensors header gives ``name``."""
+    part = handle.get_slice(name)
+    return torch.empty(part.get_shape(), dtype=SAFETENSORS_DTYPES[part.get_dtype()], device="meta")
 
 
 def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Path:
@@ -232,24 +241,23 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
     _metadata(writer, config, type_name)
     _vocabulary(writer, tokenizer, config.vocab_size)
 
-    def read(name: str) -> torch.Tensor:
-        with safe_open(files[name], "pt") as handle:
-            return handle.get_tensor(name)
-
-    plan = []
-    for name in sorted(files):
+    plan = sorted(files)
+    for name in plan:
         target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
         if target is None:
             raise ValueError(f"format gguf: no GGUF name for tensor {name}")
         suffix = ".bias" if name.endswith(".bias") else ".weight"
-        array, raw = _gguf_tensor(name, read(name), config, architecture, type_name)
-        writer.add_tensor_info(target + suffix, array.shape, array.dtype, array.nbytes, raw_dtype=raw)
-        plan.append(name)
+        with safe_open(files[name], "pt") as handle:
+            shaped, raw = _gguf_tensor(name, _header_tensor(handle, name), config, architecture, type_name)
+        dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
+        writer.add_tensor_info(target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for name in plan:
-        writer.write_tensor_data(_gguf_tensor(name, read(name), config, architecture, type_name)[0])
+        with safe_open(files[name], "pt") as handle:
+            tensor = handle.get_tensor(name)
+        writer.write_tensor_data(_gguf_tensor(name, tensor, config, architecture, type_name)[0].numpy())
     writer.close()
     for name in set(files.values()):
         name.unlink()
