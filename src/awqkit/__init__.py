@@ -7,7 +7,7 @@ import os
 # torch's OpenMP (libgomp) keeps idle threads spinning for 300,000 iterations after each parallel
 # region. The search runs thousands of small products, each a region: beside other CPU work the
 # spinning threads hold the cores that work needs and a run took 4x longer (10x in the search);
-# a short spin costs nothing measurable on an idle machine (README: Performance). libgomp reads it
+# a short spin costs nothing measurable on an idle machine (README: CPU threads). libgomp reads it
 # when torch loads, so it is set before the first torch import; the user's own value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 

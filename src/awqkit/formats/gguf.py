@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -241,19 +242,20 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
     _vocabulary(writer, tokenizer, config.vocab_size)
 
     plan = sorted(files)
-    for name in plan:
-        target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
-        if target is None:
-            raise ValueError(f"format gguf: no GGUF name for tensor {name}")
-        suffix = ".bias" if name.endswith(".bias") else ".weight"
-        with safe_open(files[name], "pt") as handle:
-            shaped, raw = _gguf_tensor(name, _header_tensor(handle, name), config, architecture, type_name)
-        dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
-        writer.add_tensor_info(target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw)
+    with ExitStack() as stack:  # headers only: each shard opened once, no tensor data touched
+        headers = {file: stack.enter_context(safe_open(file, "pt")) for file in set(files.values())}
+        for name in plan:
+            target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
+            if target is None:
+                raise ValueError(f"format gguf: no GGUF name for tensor {name}")
+            suffix = ".bias" if name.endswith(".bias") else ".weight"
+            shaped, raw = _gguf_tensor(name, _header_tensor(headers[files[name]], name), config, architecture, type_name)
+            dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
+            writer.add_tensor_info(target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name in plan:
+    for name in plan:  # one open per tensor: its mapped pages leave with it
         with safe_open(files[name], "pt") as handle:
             tensor = handle.get_tensor(name)
         writer.write_tensor_data(_gguf_tensor(name, tensor, config, architecture, type_name)[0].numpy())
