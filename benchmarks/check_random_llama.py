@@ -20,7 +20,7 @@ from make_random_llama import llama_config, parse_args, write_random_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from awqkit.shipped import shipped_model
+from awqkit.model.shipped import shipped_model
 
 TINY = ["--layers", "3", "--hidden", "256", "--intermediate", "704", "--heads", "4", "--kv-heads", "2", "--seed", "7"]
 

@@ -53,9 +53,9 @@ from measure import (
 )
 
 from awqkit.config import QuantizeConfig
+from awqkit.model.shipped import SHIPPED, shipped_model
 from awqkit.pipeline import MEASUREMENTS
 from awqkit.runtime import cpu_name
-from awqkit.shipped import SHIPPED, shipped_model
 
 HERE = Path(__file__).resolve().parent
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
@@ -222,8 +222,8 @@ def model_label(name: str) -> str:
 
 def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int, path: Path) -> Path:
     """The windows both tools calibrate on, drawn once by awqkit from the Python docs."""
-    from awqkit.calibration import calibration_data
-    from awqkit.checkpoint import load_tokenizer
+    from awqkit.data.tokens import calibration_data
+    from awqkit.model.load import load_tokenizer
 
     config = QuantizeConfig(n_calib=n_calib, seq_len=seq_len, calib_data="python-doc", seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,14 +241,14 @@ def meta_model(folder: Path) -> torch.nn.Module:
 
 def decoder_linears(folder: Path) -> list[tuple[int, int]]:
     """(in, out) of every linear awqkit quantizes."""
-    from awqkit.architectures import block_linears, find_decoder
+    from awqkit.model.layout import block_linears, find_decoder
 
     blocks = find_decoder(meta_model(folder)).blocks
     return [(m.in_features, m.out_features) for block in blocks for m in block_linears(block).values()]
 
 
 def largest_block_params(folder: Path) -> int:
-    from awqkit.architectures import find_decoder
+    from awqkit.model.layout import find_decoder
 
     return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
 

@@ -42,5 +42,5 @@ if ! "$LLMC_VENV/bin/python" -c "import llmcompressor" 2>/dev/null; then
   "$LLMC_VENV/bin/pip" install -q llmcompressor==0.14.0.1 || "$LLMC_VENV/bin/pip" install -q llmcompressor==0.14.0
 fi
 
-.venv/bin/python -m awqkit.shipped smollm2 gemma3 >/dev/null   # bf16 folders, converted once
+.venv/bin/python -m awqkit.model.shipped smollm2 gemma3 >/dev/null   # bf16 folders, converted once
 exec .venv/bin/python benchmarks/compare_llmcompressor.py --llmc-python "$LLMC_VENV/bin/python" "$@"

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from awqkit.checkpoint import load_tokenizer
-from awqkit.corpora import load_corpus
-from awqkit.evaluation import eval_windows, paired_difference, perplexity, window_nll
+from awqkit.data.corpora import load_corpus
+from awqkit.eval.evaluate import window_nll
+from awqkit.eval.stats import paired_difference, perplexity
+from awqkit.eval.windows import eval_windows
+from awqkit.model.load import load_tokenizer
+from awqkit.model.shipped import shipped_model
 from awqkit.runtime import cpu_name
-from awqkit.shipped import shipped_model
 
 HERE = Path(__file__).resolve().parent
 PROBE = "The quick brown fox, it's said, jumps over 13 lazy dogs.\n\nHello world!"

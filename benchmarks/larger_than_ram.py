@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from streaming_memory import run_measured
 
 from awqkit.formats.awq_gemm import awq_gemm_weight
-from awqkit.shipped import shipped_model
+from awqkit.model.shipped import shipped_model
 
 SHAPE = ["--layers", "43", "--hidden", "5120", "--intermediate", "13824", "--heads", "40", "--kv-heads", "40", "--vocab", "49152"]
 QUANTIZE = [

@@ -46,7 +46,7 @@ def write_model(folder: Path, size: dict, seed: int) -> None:
     """A random Qwen3-MoE in bf16 with SmolLM2's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
-    from awqkit.shipped import shipped_model
+    from awqkit.model.shipped import shipped_model
 
     tokenizer = AutoTokenizer.from_pretrained(shipped_model("smollm2"))
     torch.manual_seed(seed)

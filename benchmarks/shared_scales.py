@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from awqkit.calibration import calibration_data
-from awqkit.checkpoint import load_model, load_tokenizer, save_quantized
-from awqkit.compare import EvalConfig, evaluate
-from awqkit.eval_table import format_table
 from awqkit.config import QuantizeConfig
+from awqkit.data.tokens import calibration_data
+from awqkit.eval.evaluate import EvalConfig, evaluate
+from awqkit.eval.report import format_table
 from awqkit.formats.awq_gemm import awq_gemm_weight
-from awqkit.info import checkpoint_info
+from awqkit.formats.folder import save_quantized
+from awqkit.model.load import load_model, load_tokenizer
+from awqkit.model.shipped import shipped_model
 from awqkit.pipeline import quantize_model, run_record
-from awqkit.shipped import shipped_model
+from awqkit.tools.info import checkpoint_info
 
 METHODS = {
     "rtn": dict(n_grid=0),

@@ -28,7 +28,7 @@ from pathlib import Path
 from make_random_llama import llama_config, write_random_llama
 from make_random_llama import parse_args as model_args
 
-from awqkit.shipped import shipped_model
+from awqkit.model.shipped import shipped_model
 
 QUANTIZE = [
     "--n-calib", "8", "--seq-len", "128", "--n-grid", "4", "--max-search-tokens", "256",

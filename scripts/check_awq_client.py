@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from awqkit.corpora import load_corpus
-from awqkit.evaluation import eval_windows, perplexity, window_nll
+from awqkit.data.corpora import load_corpus
+from awqkit.eval.evaluate import window_nll
+from awqkit.eval.stats import perplexity
+from awqkit.eval.windows import eval_windows
 
 DTYPE = torch.bfloat16
 

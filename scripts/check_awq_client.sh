@@ -48,7 +48,7 @@ if [[ $# -ge 2 && $1 != -- ]]; then
   shift 2
 else
   awq_dir=out/check_awq_client/awq fake_dir=out/check_awq_client/fake
-  model=$(python -m awqkit.shipped smollm2)
+  model=$(python -m awqkit.model.shipped smollm2)
   for pair in "awq:$awq_dir" "fake:$fake_dir"; do
     format=${pair%%:*} dir=${pair#*:}
     [[ -f $dir/model.safetensors ]] && continue  # reuse the pair from an earlier run

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from awqkit.architectures import find_decoder
-from awqkit.calibration import capture_block_inputs, search_token_indices, walk_blocks
-from awqkit.shipped import shipped_model
+from awqkit.model.layout import find_decoder
+from awqkit.model.shipped import shipped_model
+from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
@@ -66,16 +66,16 @@ def pytest_collection_modifyitems(config, items):
 def _fast_tier_has_nothing_shipped(request, monkeypatch, tmp_path_factory):
     if request.node.get_closest_marker("real"):
         return
-    import awqkit.corpora
-    import awqkit.shipped
+    import awqkit.data.corpora
+    import awqkit.model.shipped
 
     def unavailable(module: str, install: str) -> Path:
         raise AssertionError(f"a fast-tier test reached the shipped package {module}: mark it real")
 
-    monkeypatch.setattr(awqkit.shipped, "_package_dir", unavailable)
+    monkeypatch.setattr(awqkit.model.shipped, "_package_dir", unavailable)
     monkeypatch.setenv("AWQKIT_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
     absent = tmp_path_factory.mktemp("no-debian") / "absent"
-    monkeypatch.setattr(awqkit.corpora, "DEBIAN_CORPORA", {k: (pkg, absent) for k, (pkg, _) in awqkit.corpora.DEBIAN_CORPORA.items()})
+    monkeypatch.setattr(awqkit.data.corpora, "DEBIAN_CORPORA", {k: (pkg, absent) for k, (pkg, _) in awqkit.data.corpora.DEBIAN_CORPORA.items()})
 
 
 WORDS = (

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
-import awqkit.compare
+import awqkit.eval.evaluate
 from awqkit.cli import main
 
 
@@ -127,6 +127,6 @@ def test_a_package_the_format_needs_is_named_in_one_line(inputs, tmp_path, monke
     def load(*args):
         raise ImportError(message)
 
-    monkeypatch.setattr(awqkit.compare, "load_checked_model", load)
+    monkeypatch.setattr(awqkit.eval.evaluate, "load_checked_model", load)
     rc = main(["--quiet", *(a.format(root=inputs, out=tmp_path) for a in ["eval", "{root}/good", *EVAL])])
     assert rc == 2 and capsys.readouterr().err == f"awqkit: error: {message}\n"

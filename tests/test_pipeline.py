@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from awqkit.cli import main
 from awqkit.pipeline import MEASUREMENTS
-from awqkit.quant import dequantize_groupwise, quantize_groupwise
+from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
 
 FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-tokens", "128", "--group-size", "32"]
 
@@ -120,8 +120,8 @@ def test_quiet_works_before_or_after_the_command():
 def test_calibration_tokens_from_a_file_give_the_same_run_as_the_drawn_windows(tiny_llama_dir, calib_text, tmp_path, tokenizer):
     import numpy as np
 
-    from awqkit.calibration import calibration_data
     from awqkit.config import QuantizeConfig
+    from awqkit.data.tokens import calibration_data
 
     config = QuantizeConfig(n_calib=4, seq_len=64, calib_data=str(calib_text))
     windows = calibration_data(tokenizer, config)
@@ -164,10 +164,11 @@ STREAM_CASES = {
 
 
 def _in_memory_run(model_dir, calib, extra, out):
-    from awqkit.calibration import calibration_data
-    from awqkit.checkpoint import load_model, save_quantized
     from awqkit.cli import _config_from_args, build_parser
     from awqkit.config import QuantizeConfig
+    from awqkit.data.tokens import calibration_data
+    from awqkit.formats.folder import save_quantized
+    from awqkit.model.load import load_model
     from awqkit.pipeline import quantize_model, run_record
 
     args = build_parser().parse_args(["quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
@@ -329,8 +330,8 @@ def test_bad_quantize_inputs_are_one_line_exit_2_and_write_nothing(case, tiny_ll
 def test_fused_expert_weights_are_refused_not_half_quantized():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from awqkit.architectures import find_decoder
     from awqkit.errors import UnsupportedModelError
+    from awqkit.model.layout import find_decoder
 
     config = AutoConfig.for_model(
         "mixtral", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,

@@ -7,16 +7,19 @@ import torch
 from conftest import walked_last_block_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import awqkit.blockquant
-from awqkit.architectures import find_decoder
-from awqkit.calibration import bos_to_prepend, calibration_windows, tokenize_text
-from awqkit.checkpoint import load_model, save_quantized
+import awqkit.quantize.block
 from awqkit.cli import main
 from awqkit.config import QuantizeConfig
-from awqkit.corpora import load_corpus
-from awqkit.evaluation import eval_windows, perplexity, window_nll
+from awqkit.data.corpora import load_corpus
+from awqkit.data.tokens import bos_to_prepend, calibration_windows, tokenize_text
+from awqkit.eval.evaluate import window_nll
+from awqkit.eval.stats import perplexity
+from awqkit.eval.windows import eval_windows
+from awqkit.formats.folder import save_quantized
+from awqkit.model.layout import find_decoder
+from awqkit.model.load import load_model
 from awqkit.pipeline import quantize_model, run_record
-from awqkit.quant import round_nearest
+from awqkit.quantize.grid import round_nearest
 
 pytestmark = pytest.mark.real
 
@@ -72,7 +75,7 @@ def test_nearest_is_bit_identical_with_greedy_compiled_out(smollm2_dir, calib_id
         assert name == "nearest"
         return lambda scales: round_nearest
 
-    monkeypatch.setattr(awqkit.blockquant, "make_rounding", nearest_only)
+    monkeypatch.setattr(awqkit.quantize.block, "make_rounding", nearest_only)
     compiled_out = run(SMALL)
     assert all(torch.equal(nearest[k], compiled_out[k]) for k in nearest)
     assert all(torch.equal(nearest[k], greedy_no_flips[k]) for k in nearest)
@@ -166,8 +169,8 @@ def test_streamed_run_equals_the_in_memory_run_on_real_models(name, extra, reque
     from conftest import read_tensors
     from safetensors.torch import load_file
 
-    from awqkit.calibration import calibration_data
     from awqkit.cli import _config_from_args, build_parser
+    from awqkit.data.tokens import calibration_data
 
     folder = request.getfixturevalue(f"{name}_dir")
     small = ["--n-calib", "4", "--seq-len", "128", "--n-grid", "2", "--max-search-tokens", "256", "--calib-data", "python-doc"]

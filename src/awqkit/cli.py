@@ -11,11 +11,17 @@ import sys
 from typing import Any, NoReturn
 
 from awqkit.config import (
-    COMPUTE_DTYPES, DEFAULT_MAX_SHARD_SIZE, FORMATS, MOE_CALIBRATIONS, OBJECTIVES, SCALES, QuantizeConfig,
+    COMPUTE_DTYPES,
+    DEFAULT_MAX_SHARD_SIZE,
+    FORMATS,
+    MOE_CALIBRATIONS,
+    OBJECTIVES,
+    SCALES,
+    QuantizeConfig,
 )  # fmt: skip
-from awqkit.distributed import WorkerStopped
-from awqkit.rounding import ROUNDINGS
-from awqkit.search import SCALINGS
+from awqkit.quantize.rounding import ROUNDINGS
+from awqkit.quantize.search import SCALINGS
+from awqkit.workers import WorkerStopped
 
 DEFAULTS = QuantizeConfig()
 
@@ -125,8 +131,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     from pathlib import Path
 
-    from awqkit.compare import EvalConfig
-    from awqkit.evaluation import MODES
+    from awqkit.eval.evaluate import EvalConfig
+    from awqkit.eval.windows import MODES
 
     defaults = EvalConfig()
     p = sub.add_parser("eval", help="perplexity of models on the same token windows, each compared with the first")
@@ -160,9 +166,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from awqkit.compare import EvalConfig, evaluate
-    from awqkit.eval_table import format_table, plot_report
-    from awqkit.report import check_output_file
+    from awqkit.eval.evaluate import EvalConfig, evaluate
+    from awqkit.eval.report import format_table, plot_report
+    from awqkit.io.publish import check_output_file
 
     for output in filter(None, (args.json, args.plot)):
         check_output_file(output)
@@ -202,8 +208,8 @@ def _run_diff(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from awqkit.diff import diff_checkpoints, format_diff
-    from awqkit.report import check_output_file
+    from awqkit.io.publish import check_output_file
+    from awqkit.tools.diff import diff_checkpoints, format_diff
 
     if args.json:
         check_output_file(args.json)
@@ -224,7 +230,7 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import json
 
-    from awqkit.info import checkpoint_info, format_info, info_json
+    from awqkit.tools.info import checkpoint_info, format_info, info_json
 
     info = checkpoint_info(args.folder)
     print(json.dumps(info_json(info), indent=1) if args.json else format_info(info))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from awqkit.formats.gguf import check_gguf
-from awqkit.quant import check_quant_args
-from awqkit.rounding import ROUNDINGS
-from awqkit.search import SCALINGS
+from awqkit.quantize.grid import check_quant_args
+from awqkit.quantize.rounding import ROUNDINGS
+from awqkit.quantize.search import SCALINGS
 
 SCALES = ("per-linear", "shared")
 OBJECTIVES = ("linear", "module")
@@ -36,7 +36,7 @@ class QuantizeConfig:
     symmetric: bool = False
     outlier_percent: float = 0.05
     max_search_tokens: int = 2048
-    # Offline everywhere: the Python reference text in every CPython (see awqkit.corpora).
+    # Offline everywhere: the Python reference text in every CPython (see awqkit.data.corpora).
     calib_data: str = "pydoc-topics"
     # Token windows [n, seq_len] saved with numpy (.npy), BOS included: used as-is instead of
     # drawing from calib_data, so other tools can calibrate on exactly the same tokens.

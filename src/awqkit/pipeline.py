@@ -17,28 +17,21 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from awqkit.architectures import (
-    Architecture,
-    DecoderLayout,
-    ScaleGroup,
-    architecture_of,
-    find_decoder,
-    per_linear_groups,
-)
-from awqkit.blockquant import LayerRecord, QuantizedLinear, quantize_block
-from awqkit.calibration import (
+from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
+from awqkit.data.tokens import calibration_data
+from awqkit.model.experts import has_experts, linearize_experts
+from awqkit.model.layout import DecoderLayout, find_decoder
+from awqkit.model.scale_groups import Architecture, ScaleGroup, architecture_of, per_linear_groups
+from awqkit.model.walk import (
     BlockInputs,
     BlockState,
     BlockVisit,
-    calibration_data,
     capture_block_inputs,
     search_token_indices,
     walk_blocks,
 )
-from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
-from awqkit.distributed import Workers, start_workers
-from awqkit.experts import has_experts, linearize_experts
-from awqkit.quant import GroupQuantized
+from awqkit.quantize.block import LayerRecord, QuantizedLinear, quantize_block
+from awqkit.quantize.grid import GroupQuantized
 from awqkit.runtime import (
     cpu_name,
     library_versions,
@@ -49,6 +42,7 @@ from awqkit.runtime import (
     synchronize,
     timed,
 )
+from awqkit.workers import Workers, start_workers
 
 log = logging.getLogger("awqkit")
 
@@ -211,10 +205,11 @@ def quantize(
     output is built in a hidden sibling folder that the same command, run again after a kill,
     continues from; it is renamed to ``out_dir`` when complete.
     """
-    from awqkit.checkpoint import DTYPES, check_output_dir, float_linears, load_tokenizer, publish, write_model_files
     from awqkit.formats import block_tensors
+    from awqkit.formats.folder import write_model_files
     from awqkit.formats.gguf import check_gguf_tokenizer
-    from awqkit.resume import (
+    from awqkit.io.publish import check_output_dir, publish
+    from awqkit.io.resume import (
         clear_progress,
         fingerprint,
         load_hidden,
@@ -223,8 +218,10 @@ def quantize(
         save_progress,
         unmark,
     )
-    from awqkit.source import StreamedModel, resolve_model_folder
-    from awqkit.writer import ShardWriter
+    from awqkit.io.shards import ShardWriter
+    from awqkit.model.layout import float_linears
+    from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
+    from awqkit.model.streamed import StreamedModel
 
     config.validate()
     if dtype not in DTYPES:
@@ -336,9 +333,9 @@ AWQ_EXPERTS = "format awq cannot hold mixture-of-experts weights; use compressed
 
 
 def _check_fits(source: Any, config: QuantizeConfig) -> None:
-    from awqkit.architectures import block_linears
     from awqkit.formats import check_packable
     from awqkit.formats.gguf import check_gguf_model
+    from awqkit.model.layout import block_linears
 
     max_positions = getattr(source.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:

@@ -17,7 +17,7 @@ from torch import nn
 from awqkit.formats.awq_gemm import awq_gemm_tensors, awq_quantization_config
 from awqkit.formats.gguf import gguf_blocks
 from awqkit.formats.pack_quantized import pack_quantized_tensors, write_pack_quantized_config
-from awqkit.quant import GroupQuantized
+from awqkit.quantize.grid import GroupQuantized
 
 PACKED_FORMATS = ("awq", "compressed-tensors", "gguf")
 

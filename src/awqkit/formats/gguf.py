@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from awqkit.calibration import bos_to_prepend
-from awqkit.quant import GroupQuantized
+from awqkit.data.tokens import bos_to_prepend
+from awqkit.quantize.grid import GroupQuantized
 
 GROUP_SIZE = 32
 # (bits, symmetric) -> GGML type name

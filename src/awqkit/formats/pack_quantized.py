@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from awqkit.quant import GroupQuantized
+from awqkit.quantize.grid import GroupQuantized
 
 
 def scheme(bits: int, group_size: int, symmetric: bool = False):

@@ -1,0 +1,98 @@
+"""A quantized model folder: its tensors through a format's writer, then config, tokenizer,
+quantization_config, ``awqkit.json`` and the scales."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from awqkit.config import DEFAULT_MAX_SHARD_SIZE, parse_size
+from awqkit.io.publish import write_atomically
+from awqkit.model.layout import float_linears
+
+log = logging.getLogger("awqkit")
+
+
+def save_quantized(
+    model: Any,
+    tokenizer: Any,
+    out_dir: str | Path,
+    record: dict,
+    scales: dict[str, torch.Tensor],
+    overwrite: bool = False,
+    *,
+    format: str = "fake",
+    quantized: dict[str, Any] | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write an in-memory quantized model with the same writer as the streamed run."""
+    from awqkit.formats import block_tensors
+    from awqkit.io.shards import ShardWriter
+    from awqkit.model.layout import find_decoder
+
+    layout = find_decoder(model)
+    quantized = quantized or {}
+    state = unique_state(model)
+    blocks = layout.blocks_name + "."
+
+    def write(folder: Path) -> None:
+        writer = ShardWriter(folder, "model", parse_size(max_shard_size))
+        writer.add({name: state[name] for name in sorted(state) if not name.startswith(blocks)})
+        for index in range(len(layout.blocks)):
+            prefix = f"{blocks}{index}."
+            block_state = {n.removeprefix(prefix): t for n, t in state.items() if n.startswith(prefix)}
+            block_q = {n.removeprefix(prefix): q for n, q in quantized.items() if n.startswith(prefix)}
+            writer.add(block_tensors(prefix, block_state, block_q, format))
+        writer.finish()
+        generation = model.generation_config if model.can_generate() else None
+        write_model_files(folder, model.config, generation, tokenizer, record, scales, format, float_linears(model))
+
+    return write_atomically(out_dir, overwrite, write)
+
+
+def unique_state(model: Any) -> dict[str, torch.Tensor]:
+    """The model's tensors with tied duplicates (lm_head = embeddings) dropped, as save_pretrained does."""
+    seen: set[int] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.contiguous()
+    return state
+
+
+def write_model_files(
+    folder: Path,
+    config: Any,
+    generation_config: Any,
+    tokenizer: Any,
+    record: dict,
+    scales: dict[str, torch.Tensor] | None,
+    format: str,
+    ignore: list[str],
+) -> None:
+    """Everything but the weights: config (with quantization_config), tokenizer, record, scales."""
+    from awqkit.formats import write_quantization_config
+    from awqkit.formats.gguf import GGUF_TYPES, write_gguf
+
+    settings = record["config"]
+    if format == "gguf":  # one file holds config and tokenizer: no Hugging Face folder around it
+        write_gguf(folder, config, tokenizer, GGUF_TYPES[(settings["bits"], settings.get("symmetric", False))])
+    else:
+        config.save_pretrained(folder)
+        if generation_config is not None:
+            generation_config.save_pretrained(folder)
+        if format != "fake":
+            write_quantization_config(
+                folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
+            )
+        tokenizer.save_pretrained(folder)
+    (folder / "awqkit.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    if scales is not None:
+        save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,102 @@
+"""Where a causal LM keeps its decoder blocks and which of their linears get quantized.
+
+Found generically (the largest ModuleList of identical blocks under the decoder), not from a
+hand-written table per model type.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from awqkit.errors import UnsupportedModelError
+from awqkit.model.experts import router_parameters
+
+SUPPORTED = (
+    "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
+    "awqkit knows (Mixtral, Qwen2-MoE, Qwen3-MoE)"
+)
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    decoder: nn.Module  # embeds tokens and runs the blocks (``model.model`` for Llama)
+    blocks: nn.ModuleList
+    blocks_name: str  # qualified name of ``blocks`` inside the full model
+    decoder_name: str  # qualified name of ``decoder`` inside the full model ("" when it is the model)
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def find_decoder(model: nn.Module) -> DecoderLayout:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "base_model", model)
+    stacks = [
+        (name, module)
+        for name, module in decoder.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(block) for block in module}) == 1
+        and _num_params(module) > 0
+    ]
+    if not stacks:
+        raise UnsupportedModelError(f"no decoder blocks found in {type(model).__name__}; supported: {SUPPORTED}")
+    name, blocks = max(stacks, key=lambda item: _num_params(item[1]))
+    prefix = next(n for n, m in model.named_modules() if m is decoder)
+    _check_block(blocks[0], type(model).__name__)
+    return DecoderLayout(decoder, blocks, ".".join(p for p in (prefix, name) if p), prefix)
+
+
+def _check_block(block: nn.Module, model_name: str) -> None:
+    kinds = {type(m).__name__ for m in block.modules()}
+    if "Conv1D" in kinds:
+        raise UnsupportedModelError(
+            f"{model_name} stores its projections as GPT-2-style Conv1D, which awqkit does not quantize; "
+            f"supported: {SUPPORTED}"
+        )
+    if not any(isinstance(m, nn.Linear) for m in block.modules()):
+        raise UnsupportedModelError(f"{model_name} has no nn.Linear in its decoder blocks; supported: {SUPPORTED}")
+    # A matrix outside nn.Linear (transformers' fused mixture-of-experts weights) would stay float
+    # while the rest is quantized: refuse rather than half-quantize.
+    in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    in_linears |= router_parameters(block)  # MoE routers stay float by design
+    others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
+    if others:
+        raise UnsupportedModelError(
+            f"{model_name}'s blocks hold weight matrices outside nn.Linear ({', '.join(others[:3])}), "
+            f"such as fused mixture-of-experts weights, which awqkit does not quantize yet; supported: {SUPPORTED}"
+        )
+
+
+# Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert.
+FLOAT_LINEARS = ("shared_expert_gate",)
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear of one block that gets quantized, by name relative to the block, in module order."""
+    return {
+        name: m for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_LINEARS
+    }  # fmt: skip
+
+
+log = logging.getLogger("awqkit")
+
+
+def float_linears(model: Any) -> list[str]:
+    """The linears outside the decoder blocks (lm_head), the MoE routers and the linears blocks keep
+    float (Qwen2-MoE's shared-expert gate): left float, so listed as ignored (vLLM builds the
+    routers as linears)."""
+    from torch import nn
+
+    from awqkit.model.experts import router_names
+    from awqkit.model.layout import FLOAT_LINEARS, find_decoder
+
+    blocks = find_decoder(model).blocks_name + "."
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    kept = [n for n in linears if not n.startswith(blocks) or n.rsplit(".", 1)[-1] in FLOAT_LINEARS]
+    return sorted([*kept, *router_names(model)])

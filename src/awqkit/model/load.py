@@ -1,0 +1,112 @@
+"""Finding and loading a model: a local folder, a shipped test model or a Hub snapshot; its
+tokenizer; the whole model in memory, refused when its checkpoint does not match it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger("awqkit")
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def resolve_model_folder(name_or_path: str) -> Path:
+    """A local folder for ``name_or_path``: itself, a shipped test model, or a Hub snapshot."""
+    from awqkit.model.shipped import resolve_shipped
+
+    path = Path(resolve_shipped(name_or_path)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    return _hub_snapshot(name_or_path)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # the hub raises many kinds (offline, gated, missing): one line each
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise FileNotFoundError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {first}") from None
+
+
+log = logging.getLogger("awqkit")
+
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _check_model_ref(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{name_or_path} is a file, not a model folder")
+    if name_or_path.startswith((".", "/", "~")) and not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+
+
+def one_line_load_error(name_or_path: str, error: OSError) -> FileNotFoundError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    _check_model_ref(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise one_line_load_error(name_or_path, error) from None
+
+
+def load_model(name_or_path: str, dtype: str = "auto", tokenizer: Any = None) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, in the dtype the checkpoint was saved in unless ``dtype`` says."""
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tokenizer = tokenizer or load_tokenizer(name_or_path)
+    return load_checked_model(name_or_path, dtype), tokenizer
+
+
+MAX_NAMED_TENSORS = 5
+
+
+def _named(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - MAX_NAMED_TENSORS} more" if len(keys) > MAX_NAMED_TENSORS else ""
+    return ", ".join(keys[:MAX_NAMED_TENSORS]) + more
+
+
+def load_checked_model(name_or_path: str, dtype: str = "auto") -> Any:
+    """The model in ``dtype``, refused when its checkpoint lacks a tensor or has one in the wrong shape.
+
+    transformers fills such tensors with random values and only warns: quantized or scored, that
+    would be a model nobody saved.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except OSError as error:
+        raise one_line_load_error(name_or_path, error) from None
+    if loading["missing_keys"]:
+        raise ValueError(f"{name_or_path} lacks tensors the model needs: {_named(loading['missing_keys'])}")
+    if loading["mismatched_keys"]:
+        names = (f"{key} {list(saved)} (model {list(expected)})" for key, saved, expected in loading["mismatched_keys"])
+        raise ValueError(f"{name_or_path} has tensors of the wrong shape: {_named(names)}")
+    if loading["unexpected_keys"]:
+        log.warning("%s: tensors the model does not use, ignored: %s", name_or_path, _named(loading["unexpected_keys"]))
+    return model.eval()

@@ -1,0 +1,119 @@
+"""A model streamed from its safetensors shards: a skeleton on the meta device, each block's
+tensors read only when the walk reaches it, so memory holds one block whatever the model's size."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from awqkit.io.safetensors import CheckpointFiles
+from awqkit.model.experts import linearize_experts
+from awqkit.model.layout import DecoderLayout, find_decoder
+
+log = logging.getLogger("awqkit")
+
+
+def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
+    """Stored key -> the model's name for it, by transformers' renamings for the model type
+    (Mixtral's ``block_sparse_moe`` is its ``mlp``). Fusing conversions are not applied: awqkit
+    holds experts as linears (awqkit.experts), named per expert as checkpoints store them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model, add_legacy=False) if isinstance(t, WeightRenaming)]
+
+    def rename(key: str) -> str:
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    return rename
+
+
+class StreamedModel:
+    """A causal LM's skeleton on the meta device, its tensors read from the checkpoint on demand."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = folder
+        self.files = CheckpointFiles(folder)
+        self.dtype = dtype  # None: each tensor as stored
+        self.config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
+            self.model: nn.Module = AutoModelForCausalLM.from_config(self.config)
+        self.model.eval()
+        linearize_experts(self.model)
+        self.files.rename(checkpoint_renaming(self.model))
+        self.layout: DecoderLayout = find_decoder(self.model)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or {}) if self.config.tie_word_embeddings else set()
+        expected = set(self.model.state_dict()) - tied
+        missing = sorted(expected - set(self.files.files))
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValueError(
+                f"{self.folder}: the checkpoint lacks {shown}; awqkit streams checkpoints whose tensor names are "
+                "the model's own (re-save it with transformers' save_pretrained)"
+            )
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.layout.blocks_name}.{index}."
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors, named relative to the block, as loaded (CPU)."""
+        prefix = self.block_prefix(index)
+        names = list(self.layout.blocks[index].state_dict())
+        tensors = self.files.read([prefix + name for name in names])
+        return {name: self._as_loaded(tensors[prefix + name]) for name in names}
+
+    def stored_name(self, name: str) -> str:
+        """What the checkpoint calls the model's tensor ``name`` (Mixtral's ``block_sparse_moe`` for
+        the model's ``mlp``); a tensor a packed format adds (``weight_packed``) is named after its
+        linear's stored weight. Outputs keep the input's names, which every loader of it reads."""
+        if name in self.files.keys:
+            return self.files.keys[name]
+        module, _, suffix = name.rpartition(".")
+        weight = self.files.keys.get(f"{module}.weight")
+        return f"{weight.removesuffix('.weight')}.{suffix}" if weight is not None else name
+
+    def stored_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.stored_name(name): tensor for name, tensor in tensors.items()}
+
+    def non_block_names(self) -> list[str]:
+        """Checkpoint tensors outside the decoder blocks (embeddings, final norm, lm_head), sorted."""
+        blocks = self.layout.blocks_name + "."
+        return sorted(name for name in self.files.names() if not name.startswith(blocks))
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {name: self._as_loaded(t) for name, t in self.files.read(names).items()}
+
+    def _as_loaded(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
+
+    def _decoder_own_names(self) -> list[str]:
+        blocks = self.layout.blocks_name.removeprefix(self._decoder_prefix()) + "."
+        return [n for n in self.layout.decoder.state_dict() if not n.startswith(blocks)]
+
+    def _decoder_prefix(self) -> str:
+        return f"{self.layout.decoder_name}." if self.layout.decoder_name else ""
+
+    def materialize_decoder(self) -> None:
+        """Load the decoder's own tensors (embeddings, norm), not the blocks', for the capture pass."""
+        prefix, names = self._decoder_prefix(), self._decoder_own_names()
+        tensors = self.read([prefix + n for n in names])
+        self.layout.decoder.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)
+
+    def release_decoder(self) -> None:
+        """Back to the meta device: the embeddings are not needed after the capture pass."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self._decoder_own_names():
+            set_module_tensor_to_device(self.layout.decoder, name, "meta")
