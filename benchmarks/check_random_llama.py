@@ -61,7 +61,9 @@ def check(work: Path, tie: list[str]) -> None:
     AutoModelForCausalLM.from_config(model.config).save_pretrained(reference, max_shard_size="1MB")
     for name in ("model.safetensors.index.json", "config.json", "generation_config.json"):
         assert json.loads((reference / name).read_text()) == json.loads((sharded / name).read_text()), name
-    print(f"ok {tie or ['untied']}: {len(a)} tensors, logit std {out.logits.float().std():.3f}, hidden-state RMS by layer (last: final norm) {rms}")
+    print(
+        f"ok {tie or ['untied']}: {len(a)} tensors, logit std {out.logits.float().std():.3f}, hidden-state RMS by layer (last: final norm) {rms}"
+    )
 
 
 def main() -> None:

@@ -162,7 +162,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument("--smoke", action="store_true", help="toy sizes, one repeat: proves every step end to end")
     p.add_argument("--models", type=_names, default=d.models, help="shipped names (smollm2, gemma3) or model folders")
     p.add_argument("--group-sizes", type=_ints, default=d.group_sizes, help="pairs llm-compressor refuses are skipped")
-    p.add_argument("--methods", type=_names, default=d.methods, help=f"from {','.join([*LLMC_METHODS, *AWQKIT_METHODS])}")
+    p.add_argument(
+        "--methods", type=_names, default=d.methods, help=f"from {','.join([*LLMC_METHODS, *AWQKIT_METHODS])}"
+    )
     p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
     p.add_argument(
@@ -322,7 +324,14 @@ def method_command(
 
 
 def run_method(
-    method: str, folder: Path, out: Path, tokens: Path, group: int, s: Settings, llmc_python: Path, log: Path,
+    method: str,
+    folder: Path,
+    out: Path,
+    tokens: Path,
+    group: int,
+    s: Settings,
+    llmc_python: Path,
+    log: Path,
     reuse: bool = False,
 ) -> Run:
     """Quantize with ``method`` into ``out``; with ``reuse``, an output an earlier run made with the

@@ -50,7 +50,17 @@ def quantize(model: str, out: Path, options: list[str], args: argparse.Namespace
 
 
 def llamacpp_nll(gguf: Path, windows: Path, python: Path, out: Path) -> dict:
-    command = [str(python), str(HERE / "gguf_score.py"), str(gguf), "--windows", str(windows), "--probe", PROBE, "--out", str(out)]
+    command = [
+        str(python),
+        str(HERE / "gguf_score.py"),
+        str(gguf),
+        "--windows",
+        str(windows),
+        "--probe",
+        PROBE,
+        "--out",
+        str(out),
+    ]
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
 
@@ -70,7 +80,9 @@ def compare(model: str, args: argparse.Namespace) -> dict:
     nll, sizes, probe = {}, {}, {}
     for name, out in runs.items():
         if name.endswith("gguf"):
-            scored = llamacpp_nll(out / "model.gguf", where / "windows.npy", args.llamacpp_python, where / f"{name}.json")
+            scored = llamacpp_nll(
+                out / "model.gguf", where / "windows.npy", args.llamacpp_python, where / f"{name}.json"
+            )
             nll[name], probe[name] = np.array(scored["window_nll"]), scored["probe_ids"]
             sizes[name] = (out / "model.gguf").stat().st_size
         else:

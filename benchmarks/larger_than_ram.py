@@ -33,7 +33,20 @@ from streaming_memory import run_measured
 from awqkit.formats.awq_gemm import awq_gemm_weight
 from awqkit.model.shipped import shipped_model
 
-SHAPE = ["--layers", "43", "--hidden", "5120", "--intermediate", "13824", "--heads", "40", "--kv-heads", "40", "--vocab", "49152"]
+SHAPE = [
+    "--layers",
+    "43",
+    "--hidden",
+    "5120",
+    "--intermediate",
+    "13824",
+    "--heads",
+    "40",
+    "--kv-heads",
+    "40",
+    "--vocab",
+    "49152",
+]
 QUANTIZE = [
     "--format", "awq", "--scales", "shared", "--group-size", "128", "--n-calib", "4", "--seq-len", "64",
     "--n-grid", "2", "--max-search-tokens", "128", "--calib-data", "python-doc", "--seed", "0",
@@ -72,7 +85,9 @@ def check_index(source: Checkpoint, output: Checkpoint) -> list[str]:
     problems = []
     stored = output.stored_names()
     if stored != set(output.weight_map):
-        problems.append(f"index vs files: {len(set(output.weight_map) - stored)} listed but absent, {len(stored - set(output.weight_map))} unlisted")
+        problems.append(
+            f"index vs files: {len(set(output.weight_map) - stored)} listed but absent, {len(stored - set(output.weight_map))} unlisted"
+        )
     for name in source.weight_map:
         is_linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
         expected = [f"{name.removesuffix('.weight')}.{part}" for part in AWQ_PARTS] if is_linear else [name]
@@ -83,11 +98,15 @@ def check_index(source: Checkpoint, output: Checkpoint) -> list[str]:
 def most_scaled_block(scales: dict[str, torch.Tensor], layers: int) -> int:
     """The block whose checked linears' s is furthest from 1: alpha 0 (plain RTN, s = 1) is
     common on random weights with a coarse grid, and would leave the s of the check untested."""
-    spread = [max(scales[f"model.layers.{b}.{linear}"].log().abs().max().item() for linear in CHECKED) for b in range(layers)]
+    spread = [
+        max(scales[f"model.layers.{b}.{linear}"].log().abs().max().item() for linear in CHECKED) for b in range(layers)
+    ]
     return max(range(layers), key=spread.__getitem__)
 
 
-def check_block(source: Checkpoint, output: Checkpoint, scales: dict[str, torch.Tensor], block: int, group_size: int) -> dict[str, float]:
+def check_block(
+    source: Checkpoint, output: Checkpoint, scales: dict[str, torch.Tensor], block: int, group_size: int
+) -> dict[str, float]:
     """Per checked linear, max over elements of |dequantized - W * s| / (half a step): must be <= 1.
 
     Slack: AWQ stores the step in fp16 (relative error 2**-11, times |q - zero| <= 15) and the fold
@@ -107,7 +126,9 @@ def check_block(source: Checkpoint, output: Checkpoint, scales: dict[str, torch.
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--model", type=Path, default=Path("benchmarks/out/random-llama-13b"), help="written here unless it exists")
+    p.add_argument(
+        "--model", type=Path, default=Path("benchmarks/out/random-llama-13b"), help="written here unless it exists"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/random-llama-13b-awq"))
     p.add_argument("--generate-only", action="store_true", help="write the model (measured) and stop")
     args, awqkit_args = p.parse_known_args()
@@ -119,13 +140,19 @@ def main() -> None:
                    "--tokenizer", str(shipped_model("smollm2")), "--max-shard-size", "2GB"]  # fmt: skip
         summary["generate_s"], rss_mib = run_measured(command, args.model.with_name(args.model.name + ".generate.log"))
         summary["generate_peak_rss_gib"] = rss_mib / 1024
-        print(f"generated {args.model} in {summary['generate_s']:.0f} s, peak RSS {summary['generate_peak_rss_gib']:.2f} GiB", flush=True)
+        print(
+            f"generated {args.model} in {summary['generate_s']:.0f} s, peak RSS {summary['generate_peak_rss_gib']:.2f} GiB",
+            flush=True,
+        )
     config = json.loads((args.model / "config.json").read_text())
     source = Checkpoint(args.model)
     on_disk = sum((args.model / f).stat().st_size for f in set(source.weight_map.values()))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     summary |= {"layers": config["num_hidden_layers"], "safetensors_gib": on_disk / 2**30, "ram_gib": ram / 2**30}
-    print(f"{args.model}: {config['num_hidden_layers']} layers, {on_disk / 2**30:.2f} GiB of safetensors, RAM {ram / 2**30:.2f} GiB", flush=True)
+    print(
+        f"{args.model}: {config['num_hidden_layers']} layers, {on_disk / 2**30:.2f} GiB of safetensors, RAM {ram / 2**30:.2f} GiB",
+        flush=True,
+    )
     if args.generate_only:
         return
 
@@ -134,7 +161,10 @@ def main() -> None:
     summary["quantize_s"], _ = run_measured(command, args.out.with_name(args.out.name + ".log"))
     # awqkit's own record of its peak (VmHWM); ru_maxrss would start at this process's peak.
     summary["quantize_peak_rss_gib"] = json.loads((args.out / "awqkit-run.json").read_text())["peak_rss_gib"]
-    print(f"quantized in {summary['quantize_s'] / 60:.1f} min, peak RSS {summary['quantize_peak_rss_gib']:.2f} GiB", flush=True)
+    print(
+        f"quantized in {summary['quantize_s'] / 60:.1f} min, peak RSS {summary['quantize_peak_rss_gib']:.2f} GiB",
+        flush=True,
+    )
 
     output = Checkpoint(args.out)
     group_size = json.loads((args.out / "config.json").read_text())["quantization_config"]["group_size"]
@@ -142,7 +172,9 @@ def main() -> None:
     block = most_scaled_block(scales, config["num_hidden_layers"])
     problems = check_index(source, output)
     ratios = check_block(source, output, scales, block, group_size)
-    problems += [f"block {block} {linear}: error {r:.3f} x the half-step bound" for linear, r in ratios.items() if r > 1]
+    problems += [
+        f"block {block} {linear}: error {r:.3f} x the half-step bound" for linear, r in ratios.items() if r > 1
+    ]
     checked_s = torch.cat([scales[f"model.layers.{block}.{linear}"] for linear in CHECKED])
     summary |= {
         "awqkit_args": QUANTIZE + awqkit_args, "checked_block": block, "checked_s_range": [checked_s.min().item(), checked_s.max().item()],

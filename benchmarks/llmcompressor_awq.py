@@ -25,7 +25,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--n-grid", type=int, default=20, help="scalings tried per mapping, identity included (llm-compressor's meaning)")
+    p.add_argument(
+        "--n-grid",
+        type=int,
+        default=20,
+        help="scalings tried per mapping, identity included (llm-compressor's meaning)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward")
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float32")
@@ -96,7 +101,9 @@ def main() -> None:
         model=model,
         tokenizer=tokenizer,
         dataset=dataset,
-        recipe=recipe(args.bits, args.group_size, args.n_grid, {"true": True, "false": False}.get(args.duo_scaling, "both")),
+        recipe=recipe(
+            args.bits, args.group_size, args.n_grid, {"true": True, "false": False}.get(args.duo_scaling, "both")
+        ),
         num_calibration_samples=n_windows,
         max_seq_length=seq_len,
         batch_size=args.batch_size,

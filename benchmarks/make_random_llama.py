@@ -51,7 +51,11 @@ def llama_config(args: argparse.Namespace) -> LlamaConfig:
             raise SystemExit(f"the tokenizer in {args.tokenizer} has {n_tokens} tokens, more than --vocab {args.vocab}")
         # the model's special token ids follow the tokenizer it is shipped with
         source = AutoConfig.from_pretrained(args.tokenizer)
-        special = {k: getattr(source, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(source, k, None) is not None}
+        special = {
+            k: getattr(source, k)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(source, k, None) is not None
+        }
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -82,7 +86,9 @@ def write_random_llama(config: LlamaConfig, out: Path, seed: int, max_shard_size
     # exactly the tensors, order and shards that save_pretrained writes for a from_config model
     # (one loaded by from_pretrained has its state dict sorted by name first)
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     index_of = {name: i for i, name in enumerate(state)}
 
     tmp = out.with_name(out.name + ".tmp")
@@ -100,7 +106,11 @@ def write_random_llama(config: LlamaConfig, out: Path, seed: int, max_shard_size
         shard = {name: random_tensor(state[name].shape, dtype, seed * SEED_STRIDE + index_of[name]) for name in names}
         save_file(shard, str(tmp / filename), metadata={"format": "pt"})
         del shard
-        print(f"  {filename} ({i + 1}/{len(split.filename_to_tensors)}) {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"  {filename} ({i + 1}/{len(split.filename_to_tensors)}) {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     if split.is_sharded:
         n_params = sum(t.numel() for t in model.parameters())  # parameters() lists a tied tensor once
         index = {"metadata": {"total_parameters": n_params, **split.metadata}, "weight_map": split.tensor_to_filename}
@@ -126,7 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--max-shard-size", default="2GB", help="as in save_pretrained (whose default is 50GB); at most one shard is held in memory")
+    p.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        help="as in save_pretrained (whose default is 50GB); at most one shard is held in memory",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, help="model folder whose tokenizer files (and special token ids) to copy")
     p.add_argument("--tie-word-embeddings", action="store_true")

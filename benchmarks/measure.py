@@ -202,6 +202,7 @@ def matmul_gflops(dtype: Any, tokens: int = 1024, width: int = 1024, min_seconds
         count += 1
     return 2 * tokens * width * 2 * width * count / (time.perf_counter() - start) / 1e9
 
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 

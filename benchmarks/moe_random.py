@@ -84,9 +84,18 @@ def main() -> int:
     if not (model / "config.json").exists():
         write_model(model, size, args.seed)
     params = count_params(model)
-    common = ["--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", str(group), "--seed", str(args.seed)]
+    common = [
+        "--n-calib",
+        str(n_calib),
+        "--seq-len",
+        str(seq_len),
+        "--group-size",
+        str(group),
+        "--seed",
+        str(args.seed),
+    ]
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "cpu": cpu_name(),
         "cores": os.cpu_count(), "model": size, "params": params, "n_calib": n_calib, "seq_len": seq_len,
         "group_size": group, "runs": {},
     }  # fmt: skip
@@ -106,7 +115,10 @@ def main() -> int:
         ratios.setdefault(name.rsplit(".", 1)[-1], []).append(error / rtn[name])
     report["awq_over_rtn_error"] = {proj: {"median": statistics.median(r), "min": min(r), "max": max(r), "n": len(r),
                                            "worse": sum(x > 1 for x in r)} for proj, r in ratios.items()}  # fmt: skip
-    runs = [[name, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_gib']:.2f}"] for name, r in report["runs"].items()]
+    runs = [
+        [name, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_gib']:.2f}"]
+        for name, r in report["runs"].items()
+    ]
     print("\n" + md_table(["run", "wall s", "CPU s", "peak RSS GiB"], runs))
     rows = [[proj, str(s["n"]), f"{s['median']:.3f}", f"{s['min']:.3f}", f"{s['max']:.3f}", str(s["worse"])]
             for proj, s in report["awq_over_rtn_error"].items()]  # fmt: skip

@@ -82,12 +82,22 @@ def run_model(name: str, out: Path, base: QuantizeConfig, eval_config: EvalConfi
         result = quantize_model(model, windows, method_config, progress=False)
         seconds = time.perf_counter() - start
         record = run_record(source, str(model.dtype).removeprefix("torch."), method_config, result.layers)
-        formats = ["fake", "awq", "compressed-tensors"] if method == methods[-1] and method_config.scales == "shared" else ["fake"]
+        formats = (
+            ["fake", "awq", "compressed-tensors"]
+            if method == methods[-1] and method_config.scales == "shared"
+            else ["fake"]
+        )
         for fmt in formats:
             folder = out / name / (method if fmt == "fake" else f"{method}-{fmt}")
-            save_quantized(model, tokenizer, folder, record, result.scales, overwrite=True, format=fmt, quantized=result.quantized)
+            save_quantized(
+                model, tokenizer, folder, record, result.scales, overwrite=True, format=fmt, quantized=result.quantized
+            )
         alphas = [layer.alpha for layer in result.layers.values()]
-        report["methods"][method] = {"seconds": seconds, "mean_alpha": sum(alphas) / len(alphas), "timings": result.timings}
+        report["methods"][method] = {
+            "seconds": seconds,
+            "mean_alpha": sum(alphas) / len(alphas),
+            "timings": result.timings,
+        }
         print(f"{name} {method}: {seconds:.0f}s, mean alpha {sum(alphas) / len(alphas):.3f}", flush=True)
 
     last = out / name / methods[-1]
@@ -97,7 +107,11 @@ def run_model(name: str, out: Path, base: QuantizeConfig, eval_config: EvalConfi
         ct = AutoModelForCausalLM.from_pretrained(out / name / f"{methods[-1]}-compressed-tensors", dtype="auto").eval()
         awq = load_awq_as_float(out / name / f"{methods[-1]}-awq", fake.dtype)
         report["packed_vs_fake"] = {"awq": logits_gap(fake, awq, ids), "compressed-tensors": logits_gap(fake, ct, ids)}
-        folders = {"original": Path(source), "fake": last, **{f: out / name / f"{methods[-1]}-{f}" for f in ("awq", "compressed-tensors")}}
+        folders = {
+            "original": Path(source),
+            "fake": last,
+            **{f: out / name / f"{methods[-1]}-{f}" for f in ("awq", "compressed-tensors")},
+        }
         report["sizes"] = {k: vars(checkpoint_info(v)) for k, v in folders.items()}
 
     checkpoints = [str(out / name / m) for m in methods]
@@ -120,7 +134,11 @@ def main() -> None:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     args = parser.parse_args()
     base = QuantizeConfig(
-        n_calib=args.n_calib, seq_len=args.seq_len, n_grid=args.n_grid, max_search_tokens=args.max_search_tokens, calib_data="python-doc"
+        n_calib=args.n_calib,
+        seq_len=args.seq_len,
+        n_grid=args.n_grid,
+        max_search_tokens=args.max_search_tokens,
+        calib_data="python-doc",
     )
     # fp32 forward of the bf16 weights: ~7x faster than bf16 on this AVX2-only CPU, exact upcast.
     eval_config = EvalConfig(seq_len=args.eval_seq_len, max_windows=args.eval_windows, dtype="float32", cache_dir=None)

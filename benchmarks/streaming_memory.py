@@ -50,7 +50,9 @@ def run_measured(command: list[str], log: Path) -> tuple[float, float]:
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped already: Popen must not wait again
     if process.returncode != 0:
-        raise RuntimeError(f"{command[:4]} failed (exit {process.returncode}); end of {log}:\n{log.read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(
+            f"{command[:4]} failed (exit {process.returncode}); end of {log}:\n{log.read_text(errors='replace')[-3000:]}"
+        )
     return wall, usage.ru_maxrss / 1024  # Linux reports ru_maxrss in KiB
 
 
@@ -63,7 +65,9 @@ def cpu_model() -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| layers | params | checkpoint MiB | wall s | peak RSS MiB | RSS / RSS at {} layers |".format(rows[0]["layers"]),
+        "| layers | params | checkpoint MiB | wall s | peak RSS MiB | RSS / RSS at {} layers |".format(
+            rows[0]["layers"]
+        ),
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -77,7 +81,9 @@ def markdown_table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--layers", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--work", type=Path, default=Path("benchmarks/out/streaming-memory"), help="models, outputs and logs")
+    p.add_argument(
+        "--work", type=Path, default=Path("benchmarks/out/streaming-memory"), help="models, outputs and logs"
+    )
     p.add_argument("--json", type=Path, default=Path("benchmarks/out/streaming-memory.json"))
     args, awqkit_args = p.parse_known_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -89,13 +95,33 @@ def main() -> None:
         config = llama_config(model_args([str(model), "--layers", str(layers), "--tokenizer", str(tokenizer)]))
         written = write_random_llama(config, model, seed=0, max_shard_size="2GB", tokenizer=tokenizer)
         out = args.work / f"random-llama-{layers}L-quantized"
-        command = [sys.executable, "-m", "awqkit.cli", "quantize", str(model), "--out", str(out), "--overwrite", "--quiet", *QUANTIZE, *awqkit_args]
+        command = [
+            sys.executable,
+            "-m",
+            "awqkit.cli",
+            "quantize",
+            str(model),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+            *QUANTIZE,
+            *awqkit_args,
+        ]
         wall, _ = run_measured(command, args.work / f"{layers}L.log")
         # awqkit's own record of its peak (VmHWM): os.wait4's ru_maxrss starts at this (large)
         # process's peak, which a child inherits through fork/vfork + exec.
         rss = json.loads((out / "awqkit-run.json").read_text())["peak_rss_gib"] * 1024
         shutil.rmtree(out)  # only the measurements matter
-        rows.append({"layers": layers, "params": written["params"], "checkpoint_mib": written["bytes"] / 2**20, "wall_s": wall, "peak_rss_mib": rss})
+        rows.append(
+            {
+                "layers": layers,
+                "params": written["params"],
+                "checkpoint_mib": written["bytes"] / 2**20,
+                "wall_s": wall,
+                "peak_rss_mib": rss,
+            }
+        )
         print(f"  {layers} layers: {wall:.1f} s, {rss:.0f} MiB", file=sys.stderr, flush=True)
 
     first, last = rows[0], rows[-1]
@@ -112,7 +138,9 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{report['date']}, {report['cpu']} ({report['cores']} cores); awqkit quantize {' '.join(report['awqkit_args'])}\n")
+    print(
+        f"{report['date']}, {report['cpu']} ({report['cores']} cores); awqkit quantize {' '.join(report['awqkit_args'])}\n"
+    )
     print(markdown_table(rows) + "\n")
     print(
         f"{'PASS' if passed else 'FAIL'}: peak RSS x{growth:.2f} from {first['layers']} to {last['layers']} layers "

@@ -43,7 +43,9 @@ def quantize_command(workers: int, model: str, out: Path, sizes: list[str], opti
 
 
 def output_hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
+    }
 
 
 def main() -> int:
@@ -64,11 +66,13 @@ def main() -> int:
     sizes += ["--n-grid", "2", "--batch-size", "2"] if args.smoke else []
     env = dict(child_env(), OMP_NUM_THREADS=str(args.threads))
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu_name(), "cores": os.cpu_count(), "model": args.model, "threads_per_worker": args.threads,
         "n_calib": n_calib, "seq_len": seq_len, "group_size": args.group_size, "configs": {},
     }  # fmt: skip
-    print(f"{report['date']}; {report['cpu']}, {report['cores']} cores; {args.model}, {n_calib} x {seq_len}", flush=True)
+    print(
+        f"{report['date']}; {report['cpu']}, {report['cores']} cores; {args.model}, {n_calib} x {seq_len}", flush=True
+    )
     rows = []
     for name in args.configs.split(","):
         runs = {}

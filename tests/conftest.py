@@ -23,14 +23,41 @@ TINY = {
     # Six layers so that sliding (0-4) and full attention (5) both occur, with a window shorter
     # than the test sequences so the sliding mask matters.
     # Mixture-of-experts: 4 experts, 2 per token (awqkit.experts)
-    "mixtral": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                    num_local_experts=4, num_experts_per_tok=2),
-    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
-    "qwen2_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=64, shared_expert_intermediate_size=96,
-                      num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+    ),
     "gemma3_text": dict(
-        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
         sliding_window=8,
     ),
 }
@@ -75,7 +102,11 @@ def _fast_tier_has_nothing_shipped(request, monkeypatch, tmp_path_factory):
     monkeypatch.setattr(awqkit.model.shipped, "_package_dir", unavailable)
     monkeypatch.setenv("AWQKIT_CACHE", str(tmp_path_factory.mktemp("empty-cache")))
     absent = tmp_path_factory.mktemp("no-debian") / "absent"
-    monkeypatch.setattr(awqkit.data.corpora, "DEBIAN_CORPORA", {k: (pkg, absent) for k, (pkg, _) in awqkit.data.corpora.DEBIAN_CORPORA.items()})
+    monkeypatch.setattr(
+        awqkit.data.corpora,
+        "DEBIAN_CORPORA",
+        {k: (pkg, absent) for k, (pkg, _) in awqkit.data.corpora.DEBIAN_CORPORA.items()},
+    )
 
 
 WORDS = (
@@ -90,7 +121,9 @@ def generated_text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     paragraphs = []
     while n_words > 0:
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(5)]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))).capitalize() + "." for _ in range(5)
+        ]
         paragraphs.append(" ".join(sentences))
         n_words -= sum(s.count(" ") + 1 for s in sentences)
     return "\n\n".join(paragraphs)
@@ -144,7 +177,9 @@ def calib_text(tmp_path_factory) -> Path:
     return path
 
 
-def save_tiny(folder: Path, tokenizer, model_type: str = "llama", dtype: torch.dtype = torch.bfloat16, **overrides) -> Path:
+def save_tiny(
+    folder: Path, tokenizer, model_type: str = "llama", dtype: torch.dtype = torch.bfloat16, **overrides
+) -> Path:
     """A randomly initialised model folder in ``dtype`` with ``tokenizer``."""
     model = tiny_model(model_type, **{"hidden_act": "silu", **overrides}).to(dtype)
     model.config.dtype = dtype

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from awqkit.cli import main
 from awqkit.pipeline import MEASUREMENTS
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
 
 FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-tokens", "128", "--group-size", "32"]
 
@@ -20,7 +20,9 @@ def _run(model_dir, out, calib, *extra):
 
 def _hashes(folder: Path) -> dict[str, str]:
     """Every file's hash but the run's measurements (timings and memory differ run to run)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,9 @@ def test_quiet_works_before_or_after_the_command():
     assert not parser.parse_args(["quantize", "m", "--out", "o"]).quiet
 
 
-def test_calibration_tokens_from_a_file_give_the_same_run_as_the_drawn_windows(tiny_llama_dir, calib_text, tmp_path, tokenizer):
+def test_calibration_tokens_from_a_file_give_the_same_run_as_the_drawn_windows(
+    tiny_llama_dir, calib_text, tmp_path, tokenizer
+):
     import numpy as np
 
     from awqkit.config import QuantizeConfig
@@ -171,7 +175,9 @@ def _in_memory_run(model_dir, calib, extra, out):
     from awqkit.model.load import load_model
     from awqkit.pipeline import quantize_model, run_record
 
-    args = build_parser().parse_args(["quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
+    args = build_parser().parse_args(
+        ["quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra]
+    )
     config = _config_from_args(QuantizeConfig, args)
     model, tokenizer = load_model(str(model_dir))
     result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
@@ -305,7 +311,10 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
         "bad shard size": (["--max-shard-size", "lots"], "cannot read size"),
         "bad dtype": (["--dtype", "int8"], "unknown dtype"),
         "out below a file": (["--out", str(root / "a-file" / "out")], "not a folder"),
-        "symmetric awq": (["--scales", "shared", "--format", "awq", "--symmetric"], "format awq (AutoAWQ GEMM) is asymmetric"),
+        "symmetric awq": (
+            ["--scales", "shared", "--format", "awq", "--symmetric"],
+            "format awq (AutoAWQ GEMM) is asymmetric",
+        ),
         "unknown scaling": (["--scaling", "loud"], "invalid choice"),
     }
 
@@ -373,13 +382,19 @@ MODES = {
 
 @pytest.mark.parametrize("rounding", ["nearest", "greedy"])
 @pytest.mark.parametrize("mode", MODES)
-def test_scaling_clip_and_symmetric_compose_with_rounding_scale_mode_and_format(mode, rounding, tiny_llama_dir, calib_text, tmp_path):
+def test_scaling_clip_and_symmetric_compose_with_rounding_scale_mode_and_format(
+    mode, rounding, tiny_llama_dir, calib_text, tmp_path
+):
     symmetric = [] if "awq" in mode else ["--symmetric"]
     out = tmp_path / "out"
     knobs = ["--scaling", "both", "--clip", *symmetric]
     assert _run(tiny_llama_dir, out, calib_text, *MODES[mode], "--rounding", rounding, *knobs) == 0
     record = json.loads((out / "awqkit.json").read_text())
-    assert record["config"]["scaling"] == "both" and record["config"]["clip"] and record["config"]["symmetric"] == bool(symmetric)
+    assert (
+        record["config"]["scaling"] == "both"
+        and record["config"]["clip"]
+        and record["config"]["symmetric"] == bool(symmetric)
+    )
     layers = record["layers"]
     assert len(layers) == 14 and {layer["scaling"] for layer in layers.values()} <= {"activation", "duo"}
     for name, layer in layers.items():
@@ -388,7 +403,9 @@ def test_scaling_clip_and_symmetric_compose_with_rounding_scale_mode_and_format(
             assert layer["clip"] == 1 and layer["clipped"] == 0, name  # never clipped
     assert any(layer["clipped"] > 0 for layer in layers.values())
     if "awq" in mode:  # transformers loads AWQ only with gptqmodel; its read-back is test_formats'
-        assert all(torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values() if t.is_floating_point())
+        assert all(
+            torch.isfinite(t).all() for t in load_file(out / "model.safetensors").values() if t.is_floating_point()
+        )
         return
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
@@ -401,7 +418,10 @@ def test_clipping_never_raises_a_layers_error_and_keeps_its_scales(mode, tiny_ll
     records = {}
     for clip in ([], ["--clip"]):
         out = tmp_path / ("clip" if clip else "plain")
-        assert _run(tiny_llama_dir, out, calib_text, *MODES[mode], "--rounding", "greedy", "--group-size", "16", *clip) == 0
+        assert (
+            _run(tiny_llama_dir, out, calib_text, *MODES[mode], "--rounding", "greedy", "--group-size", "16", *clip)
+            == 0
+        )
         records[bool(clip)] = json.loads((out / "awqkit.json").read_text())["layers"]
     for name, plain in records[False].items():
         clipped = records[True][name]
@@ -430,6 +450,8 @@ def test_symmetric_compressed_tensors_loads_in_transformers_with_the_fake_weight
             scale = packed_tensors[name.replace(".weight", ".weight_scale")].float().repeat_interleave(32, dim=1)
             steps = tensor.float() / scale
             # bf16 weight and bf16 scale, each within 2^-8 relative: at most 8 steps x 2 x 2^-8 = 0.0625 apart
-            assert (steps - steps.round()).abs().max() < 0.0625 and steps.round().min() >= -8 and steps.round().max() <= 7
+            assert (
+                (steps - steps.round()).abs().max() < 0.0625 and steps.round().min() >= -8 and steps.round().max() <= 7
+            )
         else:
             assert torch.equal(packed_state[name], tensor), name

@@ -7,7 +7,7 @@ import torch
 from conftest import walked_last_block_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import awqkit.quantize.block
+import awqkit.quant.block
 from awqkit.cli import main
 from awqkit.config import QuantizeConfig
 from awqkit.data.corpora import load_corpus
@@ -19,7 +19,7 @@ from awqkit.formats.folder import save_quantized
 from awqkit.model.layout import find_decoder
 from awqkit.model.load import load_model
 from awqkit.pipeline import quantize_model, run_record
-from awqkit.quantize.grid import round_nearest
+from awqkit.quant.grid import round_nearest
 
 pytestmark = pytest.mark.real
 
@@ -75,7 +75,7 @@ def test_nearest_is_bit_identical_with_greedy_compiled_out(smollm2_dir, calib_id
         assert name == "nearest"
         return lambda scales: round_nearest
 
-    monkeypatch.setattr(awqkit.quantize.block, "make_rounding", nearest_only)
+    monkeypatch.setattr(awqkit.quant.block, "make_rounding", nearest_only)
     compiled_out = run(SMALL)
     assert all(torch.equal(nearest[k], compiled_out[k]) for k in nearest)
     assert all(torch.equal(nearest[k], greedy_no_flips[k]) for k in nearest)
@@ -88,7 +88,9 @@ def test_bf16_model_saves_and_reloads_as_bf16_with_identical_values(smollm2_dir,
     windows = calibration_windows(calib_ids, 2, 64, 0, None)
     config = QuantizeConfig(**{**SMALL.__dict__, "n_calib": 2, "seq_len": 64})
     result = quantize_model(model, windows, config, progress=False)
-    save_quantized(model, tokenizer, tmp_path / "q", run_record("smollm2", "bfloat16", config, result.layers), result.scales)
+    save_quantized(
+        model, tokenizer, tmp_path / "q", run_record("smollm2", "bfloat16", config, result.layers), result.scales
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype="auto")
     assert reloaded.dtype == torch.bfloat16
     saved = model.state_dict()
@@ -100,7 +102,19 @@ def _ppl(folder, windows):
     return perplexity(window_nll(model, windows))
 
 
-E2E = ["--n-calib", "8", "--seq-len", "256", "--n-grid", "5", "--max-search-tokens", "512", "--calib-data", "python-doc", "--quiet"]
+E2E = [
+    "--n-calib",
+    "8",
+    "--seq-len",
+    "256",
+    "--n-grid",
+    "5",
+    "--max-search-tokens",
+    "512",
+    "--calib-data",
+    "python-doc",
+    "--quiet",
+]
 
 
 def test_end_to_end_smollm2_nearest_and_greedy(smollm2_dir, tmp_path):
@@ -120,8 +134,25 @@ def test_end_to_end_smollm2_nearest_and_greedy(smollm2_dir, tmp_path):
 
 
 def test_end_to_end_gemma3(gemma3_dir, tmp_path):
-    args = ["--quiet", "quantize", "gemma3", "--out", str(tmp_path / "g"), "--n-calib", "4", "--seq-len", "128",
-            "--n-grid", "4", "--max-search-tokens", "256", "--calib-data", "python-doc", "--rounding", "greedy"]
+    args = [
+        "--quiet",
+        "quantize",
+        "gemma3",
+        "--out",
+        str(tmp_path / "g"),
+        "--n-calib",
+        "4",
+        "--seq-len",
+        "128",
+        "--n-grid",
+        "4",
+        "--max-search-tokens",
+        "256",
+        "--calib-data",
+        "python-doc",
+        "--rounding",
+        "greedy",
+    ]
     assert main(args) == 0
     tokenizer = AutoTokenizer.from_pretrained(gemma3_dir)
     windows = eval_windows(tokenizer, load_corpus("fortunes"), 128, max_windows=2)
@@ -148,7 +179,15 @@ def test_folded_scales_keep_the_real_models_logits(name, request):
 
 def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2_dir, calib_ids, tmp_path):
     model, tokenizer = load_model(str(smollm2_dir))
-    config = QuantizeConfig(**{**SMALL.__dict__, "scales": "shared", "objective": "module", "group_size": 64, "format": "compressed-tensors"})
+    config = QuantizeConfig(
+        **{
+            **SMALL.__dict__,
+            "scales": "shared",
+            "objective": "module",
+            "group_size": 64,
+            "format": "compressed-tensors",
+        }
+    )
     windows = calibration_windows(calib_ids, config.n_calib, config.seq_len, config.seed, None)
     result = quantize_model(model, windows, config, progress=False)
     record = run_record(str(smollm2_dir), "bfloat16", config, result.layers)
@@ -163,7 +202,11 @@ def test_shared_scales_compressed_tensors_export_matches_the_fake_export(smollm2
     assert abs(nll[1] - nll[0]) < 0.01 * nll[0]
 
 
-@pytest.mark.parametrize("extra", [[], ["--scales", "shared", "--format", "awq", "--group-size", "64"]], ids=["per-linear-fake", "shared-awq"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--scales", "shared", "--format", "awq", "--group-size", "64"]],
+    ids=["per-linear-fake", "shared-awq"],
+)
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_streamed_run_equals_the_in_memory_run_on_real_models(name, extra, request, tmp_path):
     from conftest import read_tensors
@@ -173,14 +216,33 @@ def test_streamed_run_equals_the_in_memory_run_on_real_models(name, extra, reque
     from awqkit.data.tokens import calibration_data
 
     folder = request.getfixturevalue(f"{name}_dir")
-    small = ["--n-calib", "4", "--seq-len", "128", "--n-grid", "2", "--max-search-tokens", "256", "--calib-data", "python-doc"]
+    small = [
+        "--n-calib",
+        "4",
+        "--seq-len",
+        "128",
+        "--n-grid",
+        "2",
+        "--max-search-tokens",
+        "256",
+        "--calib-data",
+        "python-doc",
+    ]
     argv = ["quantize", str(folder), "--out", str(tmp_path / "streamed"), *small, *extra]
     assert main(["--quiet", *argv]) == 0
     config = _config_from_args(QuantizeConfig, build_parser().parse_args(argv))
     model, tokenizer = load_model(str(folder))
     result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
     record = run_record(str(folder), "bfloat16", config, result.layers)
-    save_quantized(model, tokenizer, tmp_path / "in-memory", record, result.scales, format=config.format, quantized=result.quantized)
+    save_quantized(
+        model,
+        tokenizer,
+        tmp_path / "in-memory",
+        record,
+        result.scales,
+        format=config.format,
+        quantized=result.quantized,
+    )
     streamed, in_memory = read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "in-memory")
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)

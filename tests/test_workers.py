@@ -23,7 +23,19 @@ CASES = {
 
 
 def _command(workers: int, model: Path | str, out: Path, calib: Path | str, *extra: str) -> list[str]:
-    cli = ["-m", "awqkit", "--quiet", "quantize", str(model), "--out", str(out), "--calib-data", str(calib), *SMALL, *extra]
+    cli = [
+        "-m",
+        "awqkit",
+        "--quiet",
+        "quantize",
+        str(model),
+        "--out",
+        str(out),
+        "--calib-data",
+        str(calib),
+        *SMALL,
+        *extra,
+    ]
     if workers == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(workers), *cli]
@@ -35,7 +47,9 @@ def _run(workers: int, *args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
+    }
 
 
 # per-linear nearest runs on SmolLM2 below; greedy with clipping covers the per-linear path here
@@ -50,7 +64,9 @@ def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text
 
 
 @pytest.mark.parametrize("moe_calibration", ["all", "routed"])
-def test_two_workers_write_the_one_worker_bytes_on_a_mixture_of_experts(moe_calibration, tokenizer, calib_text, tmp_path):
+def test_two_workers_write_the_one_worker_bytes_on_a_mixture_of_experts(
+    moe_calibration, tokenizer, calib_text, tmp_path
+):
     from conftest import save_tiny
 
     model = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe")
@@ -113,7 +129,15 @@ def test_a_killed_worker_fails_the_run_and_nothing_appears_at_out(tokenizer, cal
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("case", ["per-linear nearest", "per-linear greedy clip both", "shared nearest compressed-tensors", "shared module greedy awq"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "per-linear nearest",
+        "per-linear greedy clip both",
+        "shared nearest compressed-tensors",
+        "shared module greedy awq",
+    ],
+)
 def test_two_workers_on_smollm2_write_the_one_worker_bytes(case, smollm2_dir, tmp_path):
     extra = [*CASES[case], "--group-size", "64"]
     for workers in (1, 2):

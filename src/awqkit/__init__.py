@@ -1,8 +1,14 @@
-"""awqkit: activation-aware weight quantization with optional greedy flip rounding."""
+"""awqkit: activation-aware weight quantization with optional greedy flip rounding.
+
+``awqkit.quantize`` (a safetensors folder, streamed), ``awqkit.quantize_model`` (a model in
+memory) and ``awqkit.QuantizeConfig``. The run's modules load on first use, so importing a light
+module (``awqkit.config``) does not load the model and tensor code.
+"""
 
 __version__ = "0.1.0"
 
 import os
+from typing import Any
 
 # torch's OpenMP (libgomp) keeps idle threads spinning for 300,000 iterations after each parallel
 # region. The search runs thousands of small products, each a region: beside other CPU work the
@@ -11,7 +17,16 @@ import os
 # when torch loads, so it is set before the first torch import; the user's own value wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from awqkit.config import QuantizeConfig  # noqa: E402
-from awqkit.pipeline import QuantizeResult, quantize, quantize_model  # noqa: E402
-
 __all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "quantize_model", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QuantizeConfig":
+        from awqkit.config import QuantizeConfig
+
+        return QuantizeConfig
+    if name in ("QuantizeResult", "quantize", "quantize_model"):
+        from awqkit import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'awqkit' has no attribute {name!r}")

@@ -1,29 +1,25 @@
-"""The awqkit command: argument parsing and printing over the Python API."""
+"""The awqkit command: argument parsing and printing over the Python API.
+
+Each command imports its own modules when it runs, so `awqkit --help` and a usage error do not
+wait seconds for torch and transformers to load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import json
 import logging
 import os
 import signal
 import sys
+import typing
+from pathlib import Path
 from typing import Any, NoReturn
 
-from awqkit.config import (
-    COMPUTE_DTYPES,
-    DEFAULT_MAX_SHARD_SIZE,
-    FORMATS,
-    MOE_CALIBRATIONS,
-    OBJECTIVES,
-    SCALES,
-    QuantizeConfig,
-)  # fmt: skip
-from awqkit.quantize.rounding import ROUNDINGS
-from awqkit.quantize.search import SCALINGS
-from awqkit.workers import WorkerStopped
-
-DEFAULTS = QuantizeConfig()
+from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig
+from awqkit.errors import WorkerStopped
 
 
 def _config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
@@ -32,67 +28,25 @@ def _config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> 
     return cls(**{**values, **overrides})
 
 
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of the config dataclass ``cls``: its type, choices, default and help."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind, help = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata["help"]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), default=f.default, help=help)
+        else:  # int, float, str or an optional one of them
+            base = next(t for t in (int, float, str) if kind is t or t in typing.get_args(kind))
+            parser.add_argument(flag, type=base, default=f.default, help=help, metavar=f.metadata["metavar"])
+
+
 def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a causal LM with AWQ and write a loadable folder")
     p.add_argument("model", help="Hugging Face model id or local folder")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--bits", type=int, default=DEFAULTS.bits)
-    p.add_argument("--group-size", type=int, default=DEFAULTS.group_size)
-    p.add_argument("--n-grid", type=int, default=DEFAULTS.n_grid, help="alphas i/n-grid, i = 0..n-grid; 0: plain RTN")
-    p.add_argument("--n-calib", type=int, default=DEFAULTS.n_calib)
-    p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULTS.rounding)
-    p.add_argument(
-        "--scaling",
-        choices=SCALINGS,
-        default=DEFAULTS.scaling,
-        help="activation: s = E[x^2]^alpha; duo: s = E|x|^alpha / mean|W|^(1-alpha); both: search the two, keep the better",
-    )
-    p.add_argument("--clip", action="store_true", help="after the scale search, shrink each group's range where that lowers the output error")
-    p.add_argument("--symmetric", action="store_true", help="symmetric grids: zero point 2^(bits-1) in every group")
-    p.add_argument(
-        "--scales",
-        choices=SCALES,
-        default=DEFAULTS.scales,
-        help="per-linear: one s per linear, fake-quant only; shared: one s per input, folded into the norm or linear before",
-    )
-    p.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        default=DEFAULTS.objective,
-        help="what a shared s minimises: the linears' output error, or that of the attention/MLP they feed",
-    )
-    p.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=DEFAULTS.format,
-        help="fake: float weights; awq: AutoAWQ GEMM int4; compressed-tensors: pack-quantized (packed need shared)",
-    )
-    p.add_argument("--outlier-percent", type=float, default=DEFAULTS.outlier_percent)
-    p.add_argument("--max-search-tokens", type=int, default=DEFAULTS.max_search_tokens)
-    p.add_argument(
-        "--moe-calibration", choices=MOE_CALIBRATIONS, default=DEFAULTS.moe_calibration,
-        help="mixture-of-experts: every token through every expert (all; outputs from the routed ones) or routed only",
-    )  # fmt: skip
-    p.add_argument(
-        "--min-tokens", type=int, default=DEFAULTS.min_tokens,
-        help="a linear that saw fewer calibration tokens (a rarely routed expert) gets RTN (s = 1, nearest), recorded",
-    )  # fmt: skip
-    p.add_argument("--calib-data", default=DEFAULTS.calib_data, help="corpus name or path (.txt/.gz/.jsonl/.parquet)")
-    p.add_argument(
-        "--calib-tokens",
-        metavar="FILE.npy",
-        help="token windows [n, seq-len] (BOS included) to calibrate on instead of --calib-data",
-    )
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="calibration windows per forward")
-    p.add_argument(
-        "--compute-dtype",
-        choices=COMPUTE_DTYPES,
-        default=DEFAULTS.compute_dtype,
-        help="calibration forward and search products (quantization math is float32): bfloat16 is ~4x faster "
-        "on CPUs with AVX512-BF16/AMX and on GPUs, ~7x slower on AVX2-only CPUs",
-    )
+    add_config_options(p, QuantizeConfig)
     p.add_argument("--dtype", default="auto", help="load dtype: auto (as saved), bfloat16, float16, float32")
     p.add_argument(
         "--device",
@@ -129,8 +83,6 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    from pathlib import Path
-
     from awqkit.eval.evaluate import EvalConfig
     from awqkit.eval.windows import MODES
 
@@ -163,9 +115,6 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from awqkit.eval.evaluate import EvalConfig, evaluate
     from awqkit.eval.report import format_table, plot_report
     from awqkit.io.publish import check_output_file
@@ -173,8 +122,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     for output in filter(None, (args.json, args.plot)):
         check_output_file(output)
     if args.plot:
-        import importlib.util
-
         if importlib.util.find_spec("matplotlib") is None:
             raise ImportError("--plot draws with matplotlib: pip install 'awqkit[plot]'")
     config = _config_from_args(
@@ -205,9 +152,6 @@ def _diff_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_diff(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from awqkit.io.publish import check_output_file
     from awqkit.tools.diff import diff_checkpoints, format_diff
 
@@ -228,8 +172,6 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    import json
-
     from awqkit.tools.info import checkpoint_info, format_info, info_json
 
     info = checkpoint_info(args.folder)
@@ -252,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     # --quiet also works after the command; SUPPRESS keeps a top-level --quiet from being reset.
     for command in sub.choices.values():
-        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
+        command.add_argument(
+            "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines"
+        )
     return parser
 
 
@@ -299,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"awqkit: error: worker {os.environ.get('RANK')}: {error}", file=sys.stderr)
         return 2
     except _StoppedByTorchrun:
-        print(f"awqkit: error: worker {os.environ.get('RANK')}: stopped by torchrun, another worker of this run stopped", file=sys.stderr)
+        print(
+            f"awqkit: error: worker {os.environ.get('RANK')}: stopped by torchrun, another worker of this run stopped",
+            file=sys.stderr,
+        )
         return 143
     except KeyboardInterrupt:
         # A quantize run keeps its finished blocks: the same command continues from them.

@@ -1,75 +1,108 @@
-"""What a quantization run is asked to do: one frozen dataclass, checked before any work starts."""
+"""What a quantization run is asked to do: one frozen dataclass, checked before any work starts.
+
+It is the one source of the quantize options: each field's type gives the CLI option's type and
+choices (a ``Literal``), its metadata the help line, and the README's options table is tested
+against it. Light on purpose: importing it loads no model, tensor or format code.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-from awqkit.formats.gguf import check_gguf
-from awqkit.quantize.grid import check_quant_args
-from awqkit.quantize.rounding import ROUNDINGS
-from awqkit.quantize.search import SCALINGS
+from awqkit.formats.grids import check_format_grid
 
-SCALES = ("per-linear", "shared")
-OBJECTIVES = ("linear", "module")
-FORMATS = ("fake", "awq", "compressed-tensors", "gguf")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+Rounding = Literal["nearest", "greedy"]
+Scaling = Literal["activation", "duo", "both"]
+Scales = Literal["per-linear", "shared"]
+Objective = Literal["linear", "module"]
+Format = Literal["fake", "awq", "compressed-tensors", "gguf"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+MoeCalibration = Literal["all", "routed"]
+
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+SCALINGS: tuple[str, ...] = get_args(Scaling)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "rounding": ROUNDINGS,
+    "scaling": SCALINGS,
+    "scales": get_args(Scales),
+    "objective": get_args(Objective),
+    "format": get_args(Format),
+    "compute_dtype": get_args(ComputeDtype),
+    "moe_calibration": get_args(MoeCalibration),
+}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-MOE_CALIBRATIONS = ("all", "routed")
+
+
+def option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A config field and its command-line help, in one place."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    bits: int = 4
-    group_size: int = 128
-    n_grid: int = 20
-    n_calib: int = 128
-    seq_len: int = 512
-    seed: int = 42
-    rounding: str = "nearest"
-    # activation: s = E[x^2]^alpha (the seed's AWQ). duo: s = E|x|^alpha / mean|W^|^(1 - alpha)
-    # (llm-compressor's default). both: the search tries the two grids and keeps the better.
-    scaling: str = "activation"
-    # After the scale search, shrink each group's range by the ratio (1 to 0.55) with the least
-    # output error, as AutoAWQ's auto_clip; never on q_proj/k_proj.
-    clip: bool = False
-    # zero = 2^(b-1) in every group (compressed-tensors' symmetric int); asymmetric min-max otherwise.
-    symmetric: bool = False
-    outlier_percent: float = 0.05
-    max_search_tokens: int = 2048
-    # Offline everywhere: the Python reference text in every CPython (see awqkit.data.corpora).
-    calib_data: str = "pydoc-topics"
-    # Token windows [n, seq_len] saved with numpy (.npy), BOS included: used as-is instead of
-    # drawing from calib_data, so other tools can calibrate on exactly the same tokens.
-    calib_tokens: str | None = None
-    batch_size: int = 8
-    # The dtype of the calibration forward and the search's products. Weights, folds and the
-    # quantization arithmetic stay float32 whatever it is, and parameters that are not quantized
-    # are stored exactly as loaded. bf16 multiplies fastest on GPUs and on CPUs with AVX512-BF16
-    # or AMX; on AVX2-only CPUs float32 is several times faster.
-    compute_dtype: str = "float32"
-    # per-linear: each linear its own s, stored as Q(W*s)/s (the research method, fake-quant only).
-    # shared: one s per set of linears reading one input, folded into the op producing it, so the
-    # stored weight is Q(W*s) itself and packed formats can hold it.
-    scales: str = "per-linear"
-    # What a shared s minimises: the set's stacked linear outputs, or the output of the module the
-    # set feeds (attention for q, k, v; the MLP for gate, up), as llm-awq and llm-compressor do.
-    objective: str = "linear"
-    format: str = "fake"
-    # Mixture-of-experts calibration: "all" runs every token through every expert (each expert's
-    # statistics from all tokens, the block's output from the routed experts only); "routed" gives
-    # each expert only the tokens routed to it.
-    moe_calibration: str = "all"
-    # A linear whose input saw fewer calibration tokens (an expert few tokens are routed to) gets
-    # s = 1 and nearest rounding (RTN), recorded as a fallback, instead of a search on too little.
-    min_tokens: int = 64
+    bits: int = option(4, "bits per weight, 2..8")
+    group_size: int = option(128, "weights per scale and zero point, along the input dimension")
+    n_grid: int = option(20, "alphas i/n-grid for i = 0..n-grid; 0: plain round-to-nearest, no scaling")
+    n_calib: int = option(128, "calibration windows")
+    seq_len: int = option(512, "tokens per calibration window, BOS included")
+    seed: int = option(42, "seed of the window draw and of the search-token sample")
+    rounding: Rounding = option("nearest", "nearest, or greedy flip rounding toward zero mean output error")
+    scaling: Scaling = option(
+        "activation",
+        "activation: s = E[x^2]^alpha; duo: s = E|x|^alpha / mean|W|^(1-alpha); both: search the two, keep the better",
+    )
+    clip: bool = option(
+        False, "after the scale search, shrink each group's range (ratios 1 to 0.55) where that lowers the output "
+        "error; never q_proj and k_proj"
+    )  # fmt: skip
+    symmetric: bool = option(False, "symmetric grids: zero point 2^(bits-1) in every group")
+    outlier_percent: float = option(0.05, "share of the most salient input channels greedy rounding never flips")
+    max_search_tokens: int = option(2048, "seeded calibration tokens the search measures its error on")
+    calib_data: str = option(
+        "pydoc-topics", "calibration corpus: a name (pydoc-topics, python-doc, fortunes, foldoc, wikitext2, c4, "
+        "agnews) or a .txt/.gz/.jsonl/.parquet path"
+    )  # fmt: skip
+    calib_tokens: str | None = option(
+        None, "token windows [n, seq-len] saved with numpy (BOS included) to calibrate on instead of --calib-data",
+        metavar="FILE.npy",
+    )  # fmt: skip
+    batch_size: int = option(8, "calibration windows per forward")
+    compute_dtype: ComputeDtype = option(
+        "float32", "dtype of the calibration forward and the search's products (weights, folds and quantization "
+        "math stay float32): bfloat16 is faster on GPUs and CPUs with AVX512-BF16 or AMX, slower on AVX2-only CPUs"
+    )  # fmt: skip
+    scales: Scales = option(
+        "per-linear", "per-linear: one s per linear, stored as Q(W*s)/s (fake only); shared: one s per input, "
+        "folded into the norm or linear producing it, so packed formats can hold Q(W*s)"
+    )  # fmt: skip
+    objective: Objective = option(
+        "linear", "what a shared s minimises: the linears' output error, or that of the attention or MLP they feed"
+    )
+    format: Format = option(
+        "fake", "fake: float weights; awq: AutoAWQ GEMM int4; compressed-tensors: pack-quantized; gguf: llama.cpp "
+        "Q4_1/Q4_0/Q8_0 (the packed formats need --scales shared)"
+    )  # fmt: skip
+    moe_calibration: MoeCalibration = option(
+        "all", "mixture-of-experts: every token through every expert (all; the block's output from the routed "
+        "ones) or each expert only its routed tokens (routed)"
+    )  # fmt: skip
+    min_tokens: int = option(
+        64, "a linear whose input saw fewer calibration tokens (a rarely routed expert) gets RTN (s = 1, nearest), "
+        "recorded as a fallback"
+    )  # fmt: skip
 
     def validate(self) -> None:
         check_quant_args(self.bits, self.group_size)
-        if self.moe_calibration not in MOE_CALIBRATIONS:
-            raise ValueError(f"unknown moe calibration {self.moe_calibration!r}; choose one of {', '.join(MOE_CALIBRATIONS)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                shown = name.replace("_", " ")
+                raise ValueError(f"unknown {shown} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.moe_calibration == "routed" and self.scales == "shared":
-            raise ValueError("shared scales fold one s into the norm every expert reads, measured on every token: "
-                             "use --moe-calibration all")
+            raise ValueError(
+                "shared scales fold one s into the norm every expert reads, measured on every token: "
+                "use --moe-calibration all"
+            )
         if self.min_tokens < 1:
             raise ValueError(f"min-tokens must be >= 1, got {self.min_tokens}")
         if self.n_grid < 0:
@@ -77,15 +110,8 @@ class QuantizeConfig:
         for name in ("n_calib", "seq_len", "max_search_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}")
         if not 0.0 <= self.outlier_percent <= 1.0:
             raise ValueError(f"outlier-percent must be in [0, 1], got {self.outlier_percent}")
-        for name, allowed in (("scales", SCALES), ("objective", OBJECTIVES), ("format", FORMATS), ("scaling", SCALINGS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if self.scales == "per-linear" and self.objective != "linear":
             raise ValueError("objective module needs --scales shared: per-linear scales cannot be folded into a module")
         if self.format != "fake" and self.scales != "shared":
@@ -93,15 +119,14 @@ class QuantizeConfig:
                 f"format {self.format} stores Q(W*s) on an integer grid, which needs --scales shared "
                 "(per-linear Q(W*s)/s is not on any grid)"
             )
-        if self.format == "awq" and self.bits != 4:
-            raise ValueError(f"format awq (AutoAWQ GEMM) holds 4-bit weights only, got bits {self.bits}")
-        if self.format == "gguf":
-            check_gguf(self.bits, self.group_size, self.symmetric)
-        if self.format == "awq" and self.symmetric:
-            raise ValueError(
-                "format awq (AutoAWQ GEMM) is asymmetric: drop --symmetric, or use --format compressed-tensors, "
-                "which holds symmetric grids"
-            )
+        check_format_grid(self.format, self.bits, self.group_size, self.symmetric)
+
+
+def check_quant_args(bits: int, group_size: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    if group_size < 1:
+        raise ValueError(f"group size must be >= 1, got {group_size}")
 
 
 def parse_size(size: str | int) -> int:
@@ -116,7 +141,9 @@ def parse_size(size: str | int) -> int:
         try:
             value = int(float(number) * units[unit])
         except ValueError:
-            raise ValueError(f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, KiB, MiB or GiB") from None
+            raise ValueError(
+                f"cannot read size {size!r}: use bytes or a number with KB, MB, GB, KiB, MiB or GiB"
+            ) from None
     if value < 1:
         raise ValueError(f"size must be positive, got {size!r}")
     return value

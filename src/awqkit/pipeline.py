@@ -10,18 +10,36 @@ import logging
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from awqkit import __version__
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.data.tokens import calibration_data
+from awqkit.formats.folder import write_model_files
+from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
+from awqkit.formats.tensors import block_tensors, check_packable
+from awqkit.io.publish import check_output_dir, publish
+from awqkit.io.resume import (
+    clear_progress,
+    fingerprint,
+    load_hidden,
+    open_partial,
+    partial_folder,
+    save_progress,
+    unmark,
+)
+from awqkit.io.shards import ShardWriter
 from awqkit.model.experts import has_experts, linearize_experts
-from awqkit.model.layout import DecoderLayout, find_decoder
+from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears
+from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
 from awqkit.model.scale_groups import Architecture, ScaleGroup, architecture_of, per_linear_groups
+from awqkit.model.streamed import StreamedModel
 from awqkit.model.walk import (
     BlockInputs,
     BlockState,
@@ -30,8 +48,8 @@ from awqkit.model.walk import (
     search_token_indices,
     walk_blocks,
 )
-from awqkit.quantize.block import LayerRecord, QuantizedLinear, quantize_block
-from awqkit.quantize.grid import GroupQuantized
+from awqkit.quant.block import LayerRecord, QuantizedLinear, quantize_block
+from awqkit.quant.grid import GroupQuantized
 from awqkit.runtime import (
     cpu_name,
     library_versions,
@@ -116,11 +134,20 @@ def quantize_blocks(
             break
         with timed(timings, "search"):
             results = quantize_block(
-                visit, groups(visit.block), config, norm_offset=norm_offset, timings=timings, progress=progress,
+                visit,
+                groups(visit.block),
+                config,
+                norm_offset=norm_offset,
+                timings=timings,
+                progress=progress,
                 rows=workers,
             )
             synchronize(device)
-        measured = {"block": visit.index, "seconds": round(time.perf_counter() - began, 3), "peak_rss_gib": round(peak_rss_gib(), 3)}
+        measured = {
+            "block": visit.index,
+            "seconds": round(time.perf_counter() - began, 3),
+            "peak_rss_gib": round(peak_rss_gib(), 3),
+        }
         if (device_gib := peak_device_gib(device)) is not None:
             measured["peak_device_gib"] = round(device_gib, 3)
         on_block(visit, results, measured)
@@ -176,14 +203,16 @@ def run_record(source: str, dtype: str, config: QuantizeConfig, layers: dict[str
     """What goes into awqkit.json: deterministic, so equal runs give equal files."""
     import transformers
 
-    from awqkit import __version__
-
     return {
         "awqkit_version": __version__,
         "source_model": source,
         "dtype": dtype,
         "config": asdict(config),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "layers": {name: asdict(rec) if isinstance(rec, LayerRecord) else rec for name, rec in layers.items()},
     }
 
@@ -205,23 +234,6 @@ def quantize(
     output is built in a hidden sibling folder that the same command, run again after a kill,
     continues from; it is renamed to ``out_dir`` when complete.
     """
-    from awqkit.formats import block_tensors
-    from awqkit.formats.folder import write_model_files
-    from awqkit.formats.gguf import check_gguf_tokenizer
-    from awqkit.io.publish import check_output_dir, publish
-    from awqkit.io.resume import (
-        clear_progress,
-        fingerprint,
-        load_hidden,
-        open_partial,
-        partial_folder,
-        save_progress,
-        unmark,
-    )
-    from awqkit.io.shards import ShardWriter
-    from awqkit.model.layout import float_linears
-    from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
-    from awqkit.model.streamed import StreamedModel
 
     config.validate()
     if dtype not in DTYPES:
@@ -305,7 +317,9 @@ def quantize(
         if workers.writes:
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    result = QuantizeResult({name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks)
+    result = QuantizeResult(
+        {name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks
+    )
     if not workers.writes:
         return result
     with timed(timings, "save"):
@@ -333,9 +347,6 @@ AWQ_EXPERTS = "format awq cannot hold mixture-of-experts weights; use compressed
 
 
 def _check_fits(source: Any, config: QuantizeConfig) -> None:
-    from awqkit.formats import check_packable
-    from awqkit.formats.gguf import check_gguf_model
-    from awqkit.model.layout import block_linears
 
     max_positions = getattr(source.config, "max_position_embeddings", None)
     if max_positions is not None and config.seq_len > max_positions:

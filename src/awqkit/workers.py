@@ -13,7 +13,6 @@ worker measures the same errors and chooses the same scales; worker 0 writes the
 Without torchrun's environment there is one worker and nothing here communicates.
 """
 
-
 from __future__ import annotations
 
 import datetime
@@ -26,11 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from awqkit.quantize.rows import ROW_CHUNK, row_blocks
-
-
-class WorkerStopped(RuntimeError):
-    """A collective failed: another worker of the run stopped (killed, out of memory, an error)."""
+from awqkit.errors import WorkerStopped
+from awqkit.quant.rows import ROW_CHUNK, row_blocks
 
 
 @contextmanager

@@ -26,5 +26,5 @@ def test_the_default_calibration_corpus_is_offline_python_reference_text(monkeyp
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     text = load_corpus(QuantizeConfig().calib_data, split="train")
     assert QuantizeConfig().calib_data == "pydoc-topics"
-    assert len(text) > 300_000 and "The \"if\" statement" in text  # help("if")'s text, from the stdlib
+    assert len(text) > 300_000 and 'The "if" statement' in text  # help("if")'s text, from the stdlib
     assert load_corpus("pydoc-topics") == text  # no splits: the same text wherever it is read

@@ -88,7 +88,9 @@ def test_only_unscored_windows_are_scored_again(tmp_path, model_dir, corpus, mon
 
 
 def test_a_non_finite_nll_stops_the_run_naming_model_and_dataset(tmp_path, model_dir, corpus, monkeypatch, capsys):
-    monkeypatch.setattr(awqkit.eval.evaluate, "window_nll", lambda model, ids, *a, **k: torch.full((len(ids),), torch.nan))
+    monkeypatch.setattr(
+        awqkit.eval.evaluate, "window_nll", lambda model, ids, *a, **k: torch.full((len(ids),), torch.nan)
+    )
     rc, report = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and report is None and len(err) == 1

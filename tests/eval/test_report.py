@@ -13,7 +13,11 @@ REPORT = {
             "tokens": 8176,
             "results": [
                 {"ppl": 19.5, "ppl_ci": [18.0, 21.0]},
-                {"ppl": 21.25, "ppl_ci": [19.5, 23.0], "vs_first": {"mean_nll_diff": 0.0859, "ci": [0.05, 0.12], "win_share": 0.0625}},
+                {
+                    "ppl": 21.25,
+                    "ppl_ci": [19.5, 23.0],
+                    "vs_first": {"mean_nll_diff": 0.0859, "ci": [0.05, 0.12], "win_share": 0.0625},
+                },
             ],
         }
     },

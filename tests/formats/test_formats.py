@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from awqkit.cli import main
 from awqkit.formats.awq_gemm import AWQ_ORDER, awq_gemm_tensors, pack_awq, unpack_awq
 from awqkit.formats.pack_quantized import pack_quantized_tensors
-from awqkit.quantize.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
+from awqkit.quant.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
 from awqkit.tools.info import checkpoint_info
 
 G = 32
@@ -68,9 +68,9 @@ def test_awq_tensors_hold_the_integers_zeros_and_fp16_scales():
     assert t["scales"].dtype == torch.float16
     assert torch.equal(awq_unpack_by_definition(t["qweight"]), q.q.T.long())
     assert torch.equal(awq_unpack_by_definition(t["qzeros"]), q.zero.T.long())
-    weight = (awq_unpack_by_definition(t["qweight"]) - awq_unpack_by_definition(t["qzeros"]).repeat_interleave(16, 0)) * t[
-        "scales"
-    ].float().repeat_interleave(16, 0)
+    weight = (
+        awq_unpack_by_definition(t["qweight"]) - awq_unpack_by_definition(t["qzeros"]).repeat_interleave(16, 0)
+    ) * t["scales"].float().repeat_interleave(16, 0)
     # Identical to awqkit's own weights up to the fp16 rounding of the scales.
     rounded = GroupQuantized(q.q, q.scale.half().float(), q.zero, 4, 16)
     assert torch.equal(weight.T, dequantize_groupwise(rounded))
@@ -110,7 +110,12 @@ def _awq_weights(folder) -> dict[str, torch.Tensor]:
 def test_awq_export_reads_back_as_the_fake_weights(exports):
     config = json.loads((exports / "awq" / "config.json").read_text())["quantization_config"]
     assert config == {
-        "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": G, "zero_point": True, "modules_to_not_convert": None,
+        "quant_method": "awq",
+        "version": "gemm",
+        "bits": 4,
+        "group_size": G,
+        "zero_point": True,
+        "modules_to_not_convert": None,
     }
     fake = load_file(exports / "fake" / "model.safetensors")
     awq = load_file(exports / "awq" / "model.safetensors")
@@ -121,7 +126,7 @@ def test_awq_export_reads_back_as_the_fake_weights(exports):
         reference = fake[f"{name}.weight"].float()
         assert torch.allclose(w, reference, rtol=2**-7, atol=1e-6 * reference.abs().max()), name
     for name, tensor in fake.items():
-        if not name.removesuffix(".weight") in weights:
+        if name.removesuffix(".weight") not in weights:
             assert torch.equal(awq[name], tensor), name  # norms (folded), embeddings: as in the fake export
 
 
@@ -154,7 +159,16 @@ def test_info_reports_formats_and_bits_per_weight(exports, tiny_llama_dir):
 
 def test_packed_formats_refuse_a_ragged_group_naming_sizes_that_work(tmp_path, tiny_llama_dir, calib_text, capsys):
     # The tiny model's inputs are 64 and 96 wide: 48 divides neither evenly.
-    args = ["--quiet", "quantize", str(tiny_llama_dir), "--out", str(tmp_path / "x"), "--calib-data", str(calib_text), *FAST]
+    args = [
+        "--quiet",
+        "quantize",
+        str(tiny_llama_dir),
+        "--out",
+        str(tmp_path / "x"),
+        "--calib-data",
+        str(calib_text),
+        *FAST,
+    ]
     assert main([*args, "--scales", "shared", "--format", "awq", "--group-size", "48"]) == 2
     err = capsys.readouterr().err
     assert "64, 96" in err and "16, 32" in err and len(err.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import torch
 
 from awqkit.cli import main
 from awqkit.formats.gguf import check_gguf, gguf_blocks
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
 
 FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "2", "--max-search-tokens", "64"]
 
@@ -134,13 +134,26 @@ def test_the_vocabulary_written_is_the_one_llama_cpps_converter_wrote(model, tmp
         return [bytes(field.parts[i]) if key.endswith("tokens") else field.parts[i][0] for i in field.data]
 
     tokens, types = values(ours, "tokenizer.ggml.tokens"), values(ours, "tokenizer.ggml.token_type")
-    expected_tokens, expected_types = values(original, "tokenizer.ggml.tokens"), values(original, "tokenizer.ggml.token_type")
+    expected_tokens, expected_types = (
+        values(original, "tokenizer.ggml.tokens"),
+        values(original, "tokenizer.ggml.token_type"),
+    )
     differ = [i for i in range(len(tokens)) if (tokens[i], types[i]) != (expected_tokens[i], expected_types[i])]
     # Gemma's 30 whitespace pieces ("  " ...) come back from transformers' GGUF conversion as
     # ordinary "▁▁" pieces: the only difference.
     assert len(tokens) == len(expected_tokens) and len(differ) <= (30 if model == "gemma3" else 0)
-    for key in ("model", "pre", "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token"):
-        assert ours.fields[f"tokenizer.ggml.{key}"].contents() == original.fields[f"tokenizer.ggml.{key}"].contents(), key
+    for key in (
+        "model",
+        "pre",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+        "add_bos_token",
+    ):
+        assert ours.fields[f"tokenizer.ggml.{key}"].contents() == original.fields[f"tokenizer.ggml.{key}"].contents(), (
+            key
+        )
     if model == "gemma3":  # SentencePiece merges by score: the normal pieces' order must be the original's
         scores, expected = values(ours, "tokenizer.ggml.scores"), values(original, "tokenizer.ggml.scores")
         normal = [i for i in range(len(types)) if types[i] == expected_types[i] == gguf.TokenType.NORMAL]

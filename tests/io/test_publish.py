@@ -16,7 +16,11 @@ def _run(model_dir, out, calib, *extra):
 
 
 def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -34,7 +38,9 @@ def workdir(tmp_path, monkeypatch):
     "target, message",
     [(".", "current folder"), ("..", "current folder"), ("../notes.txt", "not a folder"), ("..", "parents")],
 )
-def test_overwrite_refuses_the_current_folder_its_parents_and_files(target, message, workdir, tiny_llama_dir, calib_text, capsys):
+def test_overwrite_refuses_the_current_folder_its_parents_and_files(
+    target, message, workdir, tiny_llama_dir, calib_text, capsys
+):
     before = _tree(workdir)
     assert _run(tiny_llama_dir, target, calib_text, "--overwrite") == 2
     err = capsys.readouterr().err.strip()
@@ -42,7 +48,9 @@ def test_overwrite_refuses_the_current_folder_its_parents_and_files(target, mess
     assert _tree(workdir) == before
 
 
-def test_overwrite_refuses_a_folder_that_is_not_a_model_and_the_input_model(workdir, tiny_llama_dir, calib_text, capsys):
+def test_overwrite_refuses_a_folder_that_is_not_a_model_and_the_input_model(
+    workdir, tiny_llama_dir, calib_text, capsys
+):
     (workdir / "photos").mkdir()
     (workdir / "photos" / "cat.jpg").write_bytes(b"meow")
     before = _tree(workdir)

@@ -23,7 +23,9 @@ def _run(model_dir, out, calib, *extra):
 
 
 def _hashes(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
+    }
 
 
 def _kill_after_block(monkeypatch, k):
@@ -44,7 +46,9 @@ def four_layer_dir(tmp_path_factory, tokenizer):
     return save_tiny(tmp_path_factory.mktemp("four") / "model", tokenizer, num_hidden_layers=4)
 
 
-@pytest.mark.parametrize("extra", [[], ["--scales", "shared", "--format", "awq", "--rounding", "greedy"]], ids=["fake", "awq"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--scales", "shared", "--format", "awq", "--rounding", "greedy"]], ids=["fake", "awq"]
+)
 def test_killed_run_resumes_to_byte_identical_output(extra, four_layer_dir, calib_text, tmp_path, monkeypatch):
     shards = ["--max-shard-size", "40KB"]  # several shards, so one closes between kill and resume
     assert _run(four_layer_dir, tmp_path / "uninterrupted", calib_text, *shards, *extra) == 0
@@ -60,21 +64,40 @@ def test_killed_run_resumes_to_byte_identical_output(extra, four_layer_dir, cali
     monkeypatch.undo()
     resumed_blocks = []
     real = awqkit.pipeline.quantize_block
-    monkeypatch.setattr(awqkit.pipeline, "quantize_block", lambda v, *a, **k: resumed_blocks.append(v.index) or real(v, *a, **k))
+    monkeypatch.setattr(
+        awqkit.pipeline, "quantize_block", lambda v, *a, **k: resumed_blocks.append(v.index) or real(v, *a, **k)
+    )
     assert _run(four_layer_dir, out, calib_text, *shards, *extra) == 0
     assert resumed_blocks == [2, 3]  # blocks 0 and 1 were not quantized again
     assert _hashes(out) == _hashes(tmp_path / "uninterrupted")
     assert not partial_folder(out).exists()
 
 
-def test_a_different_command_never_resumes_from_a_stale_folder(four_layer_dir, calib_text, tmp_path, monkeypatch, caplog):
+def test_a_different_command_never_resumes_from_a_stale_folder(
+    four_layer_dir, calib_text, tmp_path, monkeypatch, caplog
+):
     out = tmp_path / "out"
     _kill_after_block(monkeypatch, 1)
     with pytest.raises(Killed):
         _run(four_layer_dir, out, calib_text)
     monkeypatch.undo()
     with caplog.at_level(logging.INFO, logger="awqkit"):
-        assert main(["quantize", str(four_layer_dir), "--out", str(out), "--calib-data", str(calib_text), *FAST, "--seed", "7"]) == 0
+        assert (
+            main(
+                [
+                    "quantize",
+                    str(four_layer_dir),
+                    "--out",
+                    str(out),
+                    "--calib-data",
+                    str(calib_text),
+                    *FAST,
+                    "--seed",
+                    "7",
+                ]
+            )
+            == 0
+        )
     assert "different or unfinished run" in caplog.text and "resuming" not in caplog.text
     assert _run(four_layer_dir, tmp_path / "fresh", calib_text, "--seed", "7") == 0
     assert _hashes(out) == _hashes(tmp_path / "fresh")

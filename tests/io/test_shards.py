@@ -10,7 +10,10 @@ from awqkit.io.shards import ShardWriter
 
 def _units(seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    head = {"embed.weight": torch.randn(40, 8, generator=g).to(torch.bfloat16), "norm.weight": torch.rand(8, generator=g)}
+    head = {
+        "embed.weight": torch.randn(40, 8, generator=g).to(torch.bfloat16),
+        "norm.weight": torch.rand(8, generator=g),
+    }
     return [head] + [
         {f"layers.{i}.w": torch.randn(16, 8, generator=g).to(torch.float16),
          f"layers.{i}.q": torch.randint(-2**31, 2**31 - 1, (4, 2), generator=g, dtype=torch.int32),

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from awqkit.model.experts import LinearExperts, linearize_experts, set_every_token
 from awqkit.model.layout import block_linears, find_decoder
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 # model type -> what its checkpoints call the MoE block and the experts' projections
@@ -28,7 +28,9 @@ def _eager(model_type: str, **overrides):
 
 def fused_weights(experts: LinearExperts) -> tuple[torch.Tensor, torch.Tensor]:
     """``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] from the experts' linears."""
-    gate_up = torch.stack([torch.cat([getattr(e, e.names.gate).weight, getattr(e, e.names.up).weight]) for e in experts])
+    gate_up = torch.stack(
+        [torch.cat([getattr(e, e.names.gate).weight, getattr(e, e.names.up).weight]) for e in experts]
+    )
     down = torch.stack([getattr(e, e.names.down).weight for e in experts])
     return gate_up, down
 
@@ -84,7 +86,9 @@ def test_the_walk_sees_every_token_at_every_expert_and_equals_the_routed_forward
 
 
 @pytest.mark.parametrize("model_type", MOE)
-def test_a_run_quantizes_every_expert_keeps_the_router_and_loads_in_transformers(model_type, tokenizer, calib_text, tmp_path):
+def test_a_run_quantizes_every_expert_keeps_the_router_and_loads_in_transformers(
+    model_type, tokenizer, calib_text, tmp_path
+):
     from awqkit.config import QuantizeConfig
     from awqkit.pipeline import quantize
 
@@ -125,7 +129,9 @@ def _routed_walk(model_type: str, windows: torch.Tensor, **overrides):
 def test_routed_calibration_gives_each_expert_its_routed_tokens_and_their_search_rows(model_type):
     windows = torch.randint(0, 49152, (4, 16), generator=torch.Generator().manual_seed(2))
     model, visits, indices = _routed_walk(model_type, windows)
-    counts = [visits[0].stats[f"mlp.experts.{e}.{'w1' if model_type == 'mixtral' else 'gate_proj'}"].count for e in range(4)]
+    counts = [
+        visits[0].stats[f"mlp.experts.{e}.{'w1' if model_type == 'mixtral' else 'gate_proj'}"].count for e in range(4)
+    ]
     top_k = 2
     assert sum(counts) == windows.numel() * top_k  # each token reaches exactly its top-k experts
     for e in range(4):
@@ -168,7 +174,9 @@ def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_counted(capsys, tok
                             moe_calibration="routed")  # fmt: skip
     result = quantize_model(model, calibration_data(tokenizer, config), config, progress=False)
     rtn = {name for name, layer in result.layers.items() if layer.fallback == "rtn"}
-    assert rtn == {f"model.layers.{i}.mlp.experts.3.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert rtn == {
+        f"model.layers.{i}.mlp.experts.3.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")
+    }
     for name in rtn:
         assert result.layers[name].alpha == 0.0 and result.layers[name].error is None
         w = original[f"{name}.weight"]
@@ -177,7 +185,9 @@ def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_counted(capsys, tok
     model = tiny_model("qwen3_moe", experts_implementation="eager")
     for layer in model.model.layers:
         _never_route_to(layer.mlp.gate, 3)
-    everyone = quantize_model(model, calibration_data(tokenizer, config), replace(config, moe_calibration="all"), progress=False)
+    everyone = quantize_model(
+        model, calibration_data(tokenizer, config), replace(config, moe_calibration="all"), progress=False
+    )
     assert not any(layer.fallback for layer in everyone.layers.values())
 
 
@@ -196,7 +206,7 @@ def test_the_command_line_counts_fallbacks(tokenizer, calib_text, tmp_path, caps
 @pytest.mark.parametrize("model_type", MOE)
 def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_router_compensated(model_type):
     from awqkit.model.scale_groups import architecture_of
-    from awqkit.quantize.fold import fold_scales
+    from awqkit.quant.fold import fold_scales
 
     model = _eager(model_type)
     linearize_experts(model)
@@ -220,17 +230,24 @@ def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_rou
     g = torch.Generator().manual_seed(4)
     for group in groups:
         if group.smooth and "expert" in group.smooth or group is norm_group:
-            fold_scales(block, group, torch.rand(64 if group is norm_group else block.get_submodule(group.balance[0]).in_features, generator=g) + 0.5)
+            fold_scales(
+                block,
+                group,
+                torch.rand(
+                    64 if group is norm_group else block.get_submodule(group.balance[0]).in_features, generator=g
+                )
+                + 0.5,
+            )
     assert torch.allclose(output(block), reference, atol=1e-5, rtol=1e-4)
     # without the router's compensation the routing, and so the output, changes
     block.mlp.gate.weight.data.mul_(torch.rand(64, generator=g) + 0.5)
     assert not torch.allclose(output(block), reference, atol=1e-3, rtol=1e-3)
 
 
-
-
 @pytest.mark.parametrize("model_type", MOE)
-def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(model_type, tokenizer, calib_text, tmp_path):
+def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(
+    model_type, tokenizer, calib_text, tmp_path
+):
     from awqkit.cli import main
 
     source = save_tiny(tmp_path / "model", tokenizer, model_type=model_type, dtype=torch.float32)
@@ -243,7 +260,9 @@ def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers
     saved, scales = load_file(str(out / "model.safetensors")), load_file(str(out / "awq_scales.safetensors"))
     original = load_file(str(source / "model.safetensors"))
     packed = {name.removesuffix(".weight_packed") for name in saved if name.endswith(".weight_packed")}
-    assert {f"model.layers.{i}.{mlp}.experts.{e}.{p}" for i in range(2) for e in range(4) for p in projections} <= packed
+    assert {
+        f"model.layers.{i}.{mlp}.experts.{e}.{p}" for i in range(2) for e in range(4) for p in projections
+    } <= packed
     for layer in range(2):  # the router stays float, its columns times the shared s of the experts it routes to
         router = f"model.layers.{layer}.{mlp}.gate.weight"
         s = scales[f"model.layers.{layer}.{mlp}.experts.0.{projections[0]}"]

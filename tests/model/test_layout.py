@@ -15,8 +15,13 @@ def test_decoder_blocks_and_linears_are_found_generically(model_type):
     assert len(layout.blocks) == model.config.num_hidden_layers
     names = set(block_linears(layout.blocks[0]))
     assert names == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
     }
     all_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert "lm_head" in all_linears and not any("lm_head" in n for n in names)

@@ -12,7 +12,6 @@ which contains the pydoc topics), ``fortunes`` (fortunes) and ``foldoc`` (dict-f
 evaluate on the others.
 """
 
-
 from __future__ import annotations
 
 import gzip
@@ -88,7 +87,9 @@ def _hub_corpus(name: str, split: str) -> str:
     except Exception as error:  # offline, gated, renamed: datasets raises many kinds
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         offline = ", ".join((PYDOC_TOPICS, *DEBIAN_CORPORA))
-        raise FileNotFoundError(f"cannot load corpus {name!r} from the Hugging Face Hub ({first}); offline corpora: {offline}") from None
+        raise FileNotFoundError(
+            f"cannot load corpus {name!r} from the Hugging Face Hub ({first}); offline corpora: {offline}"
+        ) from None
     return "\n\n".join(t for t in data[field] if t.strip())
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from awqkit.config import QuantizeConfig
+from awqkit.config import QuantizeConfig
+from awqkit.data.corpora import load_corpus
 
 
 def bos_to_prepend(tokenizer: Any) -> int | None:
@@ -34,14 +34,14 @@ def paragraph_pieces(text: str, chunk_chars: int) -> list[str]:
 
 def tokenize_text(tokenizer: Any, text: str, chunk_chars: int = 1 << 18) -> torch.Tensor:
     """Token ids of ``text`` without special tokens, one paragraph-aligned chunk at a time."""
-    ids = [torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.long)
-           for piece in paragraph_pieces(text, chunk_chars)]
+    ids = [
+        torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        for piece in paragraph_pieces(text, chunk_chars)
+    ]
     return torch.cat(ids) if ids else torch.empty(0, dtype=torch.long)
 
 
-def sample_text_ids(
-    tokenizer: Any, text: str, min_tokens: int, seed: int, chunk_chars: int = 1 << 16
-) -> torch.Tensor:
+def sample_text_ids(tokenizer: Any, text: str, min_tokens: int, seed: int, chunk_chars: int = 1 << 16) -> torch.Tensor:
     """Token ids of paragraph-aligned chunks drawn in seeded order until ``min_tokens`` are reached.
 
     Spares tokenizing a whole large corpus (18 MB of Python docs take ~20 s) when calibration
@@ -70,9 +70,7 @@ def cut_windows(ids: torch.Tensor, seq_len: int, bos_id: int | None) -> torch.Te
     return windows
 
 
-def calibration_windows(
-    ids: torch.Tensor, n_windows: int, seq_len: int, seed: int, bos_id: int | None
-) -> torch.Tensor:
+def calibration_windows(ids: torch.Tensor, n_windows: int, seq_len: int, seed: int, bos_id: int | None) -> torch.Tensor:
     """``n_windows`` windows drawn without replacement by a seeded generator."""
     windows = cut_windows(ids, seq_len, bos_id)
     if len(windows) < n_windows:
@@ -105,9 +103,8 @@ def load_calibration_tokens(path: str | Path, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(ids.astype(np.int64))
 
 
-def calibration_data(tokenizer: Any, config: "QuantizeConfig") -> torch.Tensor:
+def calibration_data(tokenizer: Any, config: QuantizeConfig) -> torch.Tensor:
     """The run's windows: from ``calib_tokens`` as given, or drawn from ``calib_data``'s text."""
-    from awqkit.data.corpora import load_corpus
 
     if config.calib_tokens is not None:
         return load_calibration_tokens(config.calib_tokens, len(tokenizer))

@@ -6,7 +6,6 @@ version, library versions, shapes, dtypes, finite non-negative NLLs); any other 
 no cache, with a warning, and overwritten.
 """
 
-
 from __future__ import annotations
 
 import hashlib

@@ -7,26 +7,27 @@ where it stopped and a model already scored on these windows is not loaded again
 the plot are awqkit.eval_table's.
 """
 
-
 from __future__ import annotations
 
 import gc
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from awqkit.data.corpora import load_corpus
 from awqkit.data.tokens import bos_to_prepend, tokenize_text
 from awqkit.eval.cache import CachedNLL, cache_path, load_cache, save_cache, weights_digest
 from awqkit.eval.stats import paired_difference, perplexity_interval, weighted_mean
 from awqkit.eval.windows import MODES, Windows, sample_windows, stream_windows
-from awqkit.model.load import load_checked_model
-from awqkit.model.shipped import cache_dir
+from awqkit.model.load import DTYPES, load_checked_model, load_tokenizer, one_line_load_error
+from awqkit.model.shipped import cache_dir, resolve_shipped
 
 log = logging.getLogger("awqkit")
 
@@ -52,7 +53,6 @@ class EvalConfig:
     cache_dir: Path | None = field(default_factory=default_cache_dir)
 
     def validate(self) -> None:
-        from awqkit.model.load import DTYPES
 
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
@@ -106,8 +106,6 @@ def saved_dtype(model: str) -> str | None:
 def check_seq_len(model_name: str, seq_len: int) -> None:
     """Refuse windows longer than the model's position embeddings reach: their NLLs mean nothing."""
     from transformers import AutoConfig
-
-    from awqkit.model.load import one_line_load_error
 
     try:
         config = AutoConfig.from_pretrained(model_name).get_text_config()
@@ -235,9 +233,6 @@ def summarize(models: Sequence[str], scored: Sequence[Scored], windows: dict[str
 
 def evaluate(models: Sequence[str], config: EvalConfig, progress: bool = True) -> dict:
     """Score every model on every dataset's windows and return the report (see ``summarize``)."""
-    from awqkit.data.corpora import load_corpus
-    from awqkit.model.load import load_tokenizer
-    from awqkit.model.shipped import resolve_shipped
 
     config.validate()
     if not models:

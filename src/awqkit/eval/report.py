@@ -1,6 +1,5 @@
 """How an ``awqkit eval`` report reads: a Markdown table and a PNG of perplexities with their CIs."""
 
-
 from __future__ import annotations
 
 from pathlib import Path

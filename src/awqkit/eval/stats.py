@@ -26,9 +26,7 @@ def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     return float(np.sum(values * weights) / np.sum(weights))
 
 
-def bootstrap_means(
-    values: np.ndarray, weights: np.ndarray, n_resamples: int = 2000, seed: int = 42
-) -> np.ndarray:
+def bootstrap_means(values: np.ndarray, weights: np.ndarray, n_resamples: int = 2000, seed: int = 42) -> np.ndarray:
     """Weighted means of ``n_resamples`` resamples of the windows, drawn with replacement."""
     values, weights = np.asarray(values, np.float64), np.asarray(weights, np.float64)
     rng = np.random.default_rng(seed)

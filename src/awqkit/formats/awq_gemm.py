@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from awqkit.quantize.grid import GroupQuantized
+from awqkit.quant.grid import GroupQuantized
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK = 8  # 4-bit values per int32

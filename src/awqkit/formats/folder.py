@@ -12,8 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, parse_size
+from awqkit.formats.gguf import GGUF_TYPES, write_gguf
+from awqkit.formats.tensors import block_tensors, write_quantization_config
 from awqkit.io.publish import write_atomically
-from awqkit.model.layout import float_linears
+from awqkit.io.shards import ShardWriter
+from awqkit.model.layout import find_decoder, float_linears
 
 log = logging.getLogger("awqkit")
 
@@ -31,9 +34,6 @@ def save_quantized(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write an in-memory quantized model with the same writer as the streamed run."""
-    from awqkit.formats import block_tensors
-    from awqkit.io.shards import ShardWriter
-    from awqkit.model.layout import find_decoder
 
     layout = find_decoder(model)
     quantized = quantized or {}
@@ -78,8 +78,6 @@ def write_model_files(
     ignore: list[str],
 ) -> None:
     """Everything but the weights: config (with quantization_config), tokenizer, record, scales."""
-    from awqkit.formats import write_quantization_config
-    from awqkit.formats.gguf import GGUF_TYPES, write_gguf
 
     settings = record["config"]
     if format == "gguf":  # one file holds config and tokenizer: no Hugging Face folder around it

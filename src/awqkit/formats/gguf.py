@@ -26,13 +26,11 @@ from typing import Any
 import torch
 
 from awqkit.data.tokens import bos_to_prepend
-from awqkit.quantize.grid import GroupQuantized
+from awqkit.formats.grids import GGUF_GROUP_SIZE, GGUF_TYPES, check_gguf
+from awqkit.quant.grid import GroupQuantized
 
-GROUP_SIZE = 32
-# (bits, symmetric) -> GGML type name
-GGUF_TYPES = {(4, False): "Q4_1", (4, True): "Q4_0", (8, True): "Q8_0"}
 # transformers model_type -> GGUF architecture name
-ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 GGUF_FILE = "model.gguf"
 # the dtypes awqkit's checkpoints hold, as the safetensors header names them
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
@@ -42,31 +40,27 @@ PRETOKENIZER_PROBE = "Hello world!  It's 2026: 3.14159 apples\n\n\tcost $12,345 
 BPE_PRETOKENIZERS = {"892e1ee7c56b6af5b991fd6bc544bacbc9af22c51f4aceb8b29c8848a44a6c90": "smollm"}  # SmolLM2
 
 
-def check_gguf(bits: int, group_size: int, symmetric: bool) -> None:
-    """Refuse, in one line naming what works, a grid that no GGUF block type holds."""
-    works = "--group-size 32 with --bits 4 (Q4_1), --bits 4 --symmetric (Q4_0) or --bits 8 --symmetric (Q8_0)"
-    if group_size != GROUP_SIZE or (bits, symmetric) not in GGUF_TYPES:
-        grid = f"bits {bits}, group size {group_size}, {'symmetric' if symmetric else 'asymmetric'}"
-        raise ValueError(f"format gguf holds groups of 32 only as Q4_1, Q4_0 or Q8_0; {grid} is none of them: use {works}")
-
-
 def check_gguf_model(config: Any) -> None:
     """Refuse a model whose architecture or rotary scaling this writer cannot describe to llama.cpp."""
-    if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"format gguf supports {', '.join(sorted(set(ARCHITECTURES)))} models, not {config.model_type}")
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"format gguf supports {', '.join(sorted(set(GGUF_ARCHITECTURES)))} models, not {config.model_type}"
+        )
     rope = _rope(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise ValueError(f"format gguf: rotary scaling {rope['rope_type']!r} is not supported yet (default and linear are)")
+        raise ValueError(
+            f"format gguf: rotary scaling {rope['rope_type']!r} is not supported yet (default and linear are)"
+        )
 
 
 def gguf_blocks(quantized: GroupQuantized) -> torch.Tensor:
     """The GGUF blocks of one linear's integers: uint8 [out, n_groups * block bytes]."""
     type_name = GGUF_TYPES.get((quantized.bits, quantized.symmetric))
-    if type_name is None or quantized.group_size != GROUP_SIZE or quantized.q.shape[1] % GROUP_SIZE:
+    if type_name is None or quantized.group_size != GGUF_GROUP_SIZE or quantized.q.shape[1] % GGUF_GROUP_SIZE:
         check_gguf(quantized.bits, quantized.group_size, quantized.symmetric)
         raise ValueError(f"format gguf needs input sizes divisible by 32, got {quantized.q.shape[1]}")
     out, n_groups = quantized.scale.shape
-    q = quantized.q.to(torch.int32).view(out, n_groups, GROUP_SIZE)
+    q = quantized.q.to(torch.int32).view(out, n_groups, GGUF_GROUP_SIZE)
     d = _fp16_bytes(quantized.scale)
     if type_name == "Q8_0":
         parts = [d, (q - 128).to(torch.int8).view(torch.uint8)]
@@ -133,7 +127,9 @@ def _vocab(tokenizer: Any, folder: Path) -> tuple[Any, str]:
         try:
             return LlamaHfVocab(folder), "default"
         except FileNotFoundError:
-            raise ValueError("format gguf: the tokenizer is neither GPT-2-style BPE nor Llama/Gemma-style BPE") from None
+            raise ValueError(
+                "format gguf: the tokenizer is neither GPT-2-style BPE nor Llama/Gemma-style BPE"
+            ) from None
     ids = tokenizer(PRETOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     if digest not in BPE_PRETOKENIZERS:
@@ -200,7 +196,9 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         return {name: folder / "model.safetensors" for name in handle.keys()}
 
 
-def _gguf_tensor(name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str) -> tuple[torch.Tensor, Any]:
+def _gguf_tensor(
+    name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str
+) -> tuple[torch.Tensor, Any]:
     """The tensor as GGUF stores it and its GGML type (None: from the dtype). Shape-only on the
     meta device, so the header is planned from the safetensors header without reading a tensor."""
     import gguf
@@ -232,7 +230,7 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
     from safetensors import safe_open
 
     check_gguf_model(config)
-    architecture = ARCHITECTURES[config.model_type]
+    architecture = GGUF_ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
     files = _tensor_files(folder)
     path = folder / GGUF_FILE
@@ -249,9 +247,13 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
             if target is None:
                 raise ValueError(f"format gguf: no GGUF name for tensor {name}")
             suffix = ".bias" if name.endswith(".bias") else ".weight"
-            shaped, raw = _gguf_tensor(name, _header_tensor(headers[files[name]], name), config, architecture, type_name)
+            shaped, raw = _gguf_tensor(
+                name, _header_tensor(headers[files[name]], name), config, architecture, type_name
+            )
             dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
-            writer.add_tensor_info(target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw)
+            writer.add_tensor_info(
+                target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw
+            )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

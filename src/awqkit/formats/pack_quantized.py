@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from awqkit.quantize.grid import GroupQuantized
+from awqkit.quant.grid import GroupQuantized
 
 
 def scheme(bits: int, group_size: int, symmetric: bool = False):
@@ -37,7 +37,9 @@ def pack_quantized_tensors(quantized: GroupQuantized, scale_dtype: torch.dtype) 
     return dict(PackedQuantizationCompressor.compress(state, args))
 
 
-def write_pack_quantized_config(folder: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False) -> None:
+def write_pack_quantized_config(
+    folder: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False
+) -> None:
     """Add quantization_config to the config.json in ``folder``, through the library."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus

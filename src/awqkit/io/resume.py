@@ -7,7 +7,6 @@ already on disk. A run whose fingerprint (awqkit and library versions, config, d
 files, calibration tokens) differs never continues from it.
 """
 
-
 from __future__ import annotations
 
 import hashlib

@@ -19,7 +19,7 @@ SINGLE = "model.safetensors"
 
 
 CONVERT_HINT = (
-    "convert it once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+    'convert it once with: python -c "from transformers import AutoModelForCausalLM as M; '
     "M.from_pretrained('{src}').save_pretrained('{src}-safetensors')\""
 )
 
@@ -39,7 +39,9 @@ class CheckpointFiles:
         elif (folder / SINGLE).is_file():
             self.files = {name: folder / SINGLE for name in _keys(folder / SINGLE)}
         elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-            raise ValueError(f"{folder} holds PyTorch .bin weights; awqkit reads safetensors: {CONVERT_HINT.format(src=folder)}")
+            raise ValueError(
+                f"{folder} holds PyTorch .bin weights; awqkit reads safetensors: {CONVERT_HINT.format(src=folder)}"
+            )
         else:
             raise FileNotFoundError(f"no safetensors weights in {folder} ({SINGLE} or {INDEX})")
         missing = sorted({str(path) for path in self.files.values() if not path.is_file()})

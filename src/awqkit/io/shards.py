@@ -8,7 +8,6 @@ offset is where its data file is cut back to. ``finish()`` names the shards like
 ``save_pretrained`` (``model.safetensors``, or ``model-0000i-of-0000N.safetensors`` + index).
 """
 
-
 from __future__ import annotations
 
 import json
@@ -129,7 +128,11 @@ class ShardWriter:
         self._data_path(self.closed).unlink(missing_ok=True)
         self.saved()
         n = self.closed
-        names = [f"{self.stem}.safetensors"] if n == 1 else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            [f"{self.stem}.safetensors"]
+            if n == 1
+            else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         for index, name in enumerate(names):
             self._shard_path(index).rename(self.folder / name)
         if n > 1:

@@ -14,7 +14,6 @@ tokens come from every calibration token (llm-compressor's ``moe_calibrate_all_e
 the output still sums only the routed experts, so the next block sees the true hidden states.
 """
 
-
 from __future__ import annotations
 
 from contextvars import ContextVar
@@ -81,7 +80,9 @@ class LinearExperts(nn.ModuleList):
         super().__init__(experts)
         self.every_token = every_token
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for index, expert in enumerate(self):
             token, slot = torch.where(top_k_index == index)

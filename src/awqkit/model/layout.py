@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from awqkit.errors import UnsupportedModelError
-from awqkit.model.experts import router_parameters
+from awqkit.model.experts import router_names, router_parameters
 
 SUPPORTED = (
     "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
@@ -92,9 +92,6 @@ def float_linears(model: Any) -> list[str]:
     float (Qwen2-MoE's shared-expert gate): left float, so listed as ignored (vLLM builds the
     routers as linears)."""
     from torch import nn
-
-    from awqkit.model.experts import router_names
-    from awqkit.model.layout import FLOAT_LINEARS, find_decoder
 
     blocks = find_decoder(model).blocks_name + "."
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

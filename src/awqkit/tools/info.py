@@ -1,6 +1,5 @@
 """What a checkpoint folder holds: format, bits, group size, size, bits per weight, who loads it."""
 
-
 from __future__ import annotations
 
 import json
@@ -20,8 +19,21 @@ LOADERS = {
 
 
 DTYPE_BITS = {
-    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8,
-    "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8,
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
 }
 
 
@@ -92,7 +104,9 @@ def _quantized_linears(
         bits, group_size = scheme["num_bits"], scheme.get("group_size")
         bases = [k.removesuffix(".weight_packed") for k in headers if k.endswith(".weight_packed")]
         # weight_shape holds [out, in]; the packed width is in * bits / 32, rounded up.
-        weights = sum(headers[f"{b}.weight_scale"][1][0] * headers[f"{b}.weight_packed"][1][1] * 32 // bits for b in bases)
+        weights = sum(
+            headers[f"{b}.weight_scale"][1][0] * headers[f"{b}.weight_packed"][1][1] * 32 // bits for b in bases
+        )
         return "compressed-tensors", bits, group_size, bases, weights
     if record is not None:
         bases = list(record["layers"])
@@ -109,7 +123,9 @@ def _gguf_info(folder: Path, path: Path) -> CheckpointInfo:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
-    quantized = [t for t in reader.tensors if t.tensor_type.name in ("Q4_1", "Q4_0", "Q8_0") and t.name.startswith("blk.")]
+    quantized = [
+        t for t in reader.tensors if t.tensor_type.name in ("Q4_1", "Q4_0", "Q8_0") and t.name.startswith("blk.")
+    ]
     types = sorted({t.tensor_type.name for t in quantized})
     block_size = gguf.GGML_QUANT_SIZES[quantized[0].tensor_type][0] if quantized else None
     weights = sum(int(t.n_elements) for t in quantized)
@@ -148,7 +164,16 @@ def checkpoint_info(folder: str | Path) -> CheckpointInfo:
     if fmt == "float":
         return CheckpointInfo(str(folder), "float", None, None, dtype, size, 0, 0, None, LOADERS["float"])
     return CheckpointInfo(
-        str(folder), fmt, bits, group_size, dtype, size, len(bases), weights, stored_bits / max(weights, 1), LOADERS[fmt]
+        str(folder),
+        fmt,
+        bits,
+        group_size,
+        dtype,
+        size,
+        len(bases),
+        weights,
+        stored_bits / max(weights, 1),
+        LOADERS[fmt],
     )
 
 

@@ -4,7 +4,6 @@ The balance linears' columns are multiplied by s and the op that produces their 
 by s: a norm's weight (Gemma's (1 + weight) form included) or a linear's output rows.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -25,7 +24,9 @@ def divide_output(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) 
         return
     weight = getattr(smooth, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
-        raise ValueError(f"cannot fold scales into {type(smooth).__name__}: expected a per-channel weight of shape {tuple(s.shape)}")
+        raise ValueError(
+            f"cannot fold scales into {type(smooth).__name__}: expected a per-channel weight of shape {tuple(s.shape)}"
+        )
     # output = normed(x) * (offset + weight): dividing by s means (offset + weight') = (offset + weight) / s.
     weight.copy_(((norm_offset + weight.double()) / s.double() - norm_offset).to(weight.dtype))
     bias = getattr(smooth, "bias", None)

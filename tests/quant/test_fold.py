@@ -8,9 +8,9 @@ from awqkit.model.layout import find_decoder
 from awqkit.model.scale_groups import ARCHITECTURES, architecture_of, foldable
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.pipeline import quantize_model
-from awqkit.quantize.block import module_output_error
-from awqkit.quantize.fold import divide_output, fold_normalizer, fold_scales
-from awqkit.quantize.grid import dequantize_groupwise
+from awqkit.quant.block import module_output_error
+from awqkit.quant.fold import divide_output, fold_normalizer, fold_scales
+from awqkit.quant.grid import dequantize_groupwise
 
 TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
 
@@ -88,11 +88,13 @@ def test_module_error_is_zero_for_the_original_weights():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("module, weights", [("self_attn", ["q_proj", "k_proj", "v_proj"]), ("mlp", ["gate_proj", "up_proj"])])
+@pytest.mark.parametrize(
+    "module, weights", [("self_attn", ["q_proj", "k_proj", "v_proj"]), ("mlp", ["gate_proj", "up_proj"])]
+)
 def test_module_error_is_the_mse_of_the_batched_output_and_its_window_sums_split(model_type, module, weights):
     from torch.func import functional_call
 
-    from awqkit.quantize.rows import row_blocks
+    from awqkit.quant.rows import row_blocks
 
     model = tiny_model(model_type)
     layout = find_decoder(model)

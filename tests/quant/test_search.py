@@ -1,7 +1,7 @@
 import torch
 
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
-from awqkit.quantize.search import (
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
+from awqkit.quant.search import (
     alpha_grid,
     awq_scales,
     duo_scales,
@@ -80,7 +80,9 @@ def test_bias_cancels_so_a_large_bias_changes_nothing():
     chosen = _search(w, x, salience, 10).alpha
     bias = torch.full((w.shape[0],), 50.0)
     # Both sides biased, computed the naive way in float64: same choice as the search.
-    both = _argmin_with(lambda w_hat: ((x @ w.T + bias).double() - (x @ w_hat.T + bias).double()).pow(2).mean(), w, x, salience)
+    both = _argmin_with(
+        lambda w_hat: ((x @ w.T + bias).double() - (x @ w_hat.T + bias).double()).pow(2).mean(), w, x, salience
+    )
     assert both == chosen
 
 
@@ -117,7 +119,10 @@ def test_stacked_linears_quantize_as_each_alone_at_the_same_scales():
     w, x, salience = _layer(5)
     a, b = w[:20], w[20:]
     stacked = search_alpha(w, salience, linear_output_error(x, w), bits=4, group_size=16, alphas=[0.5])
-    alone = [search_alpha(part, salience, linear_output_error(x, part), bits=4, group_size=16, alphas=[0.5]) for part in (a, b)]
+    alone = [
+        search_alpha(part, salience, linear_output_error(x, part), bits=4, group_size=16, alphas=[0.5])
+        for part in (a, b)
+    ]
     assert torch.equal(stacked.quantized.q, torch.cat([r.quantized.q for r in alone]))
     n_a, n_b = a.shape[0], b.shape[0]
     summed_squares = (alone[0].error * n_a + alone[1].error * n_b) / (n_a + n_b)
@@ -130,7 +135,9 @@ def test_dividing_s_by_a_constant_keeps_the_integers_and_the_stored_function():
     result = _search(w, x, salience, 10)
     c = 37.0
     divided = result.divided(c)
-    assert torch.equal(divided.quantized.q, result.quantized.q) and torch.equal(divided.quantized.zero, result.quantized.zero)
+    assert torch.equal(divided.quantized.q, result.quantized.q) and torch.equal(
+        divided.quantized.zero, result.quantized.zero
+    )
     assert torch.allclose(divided.scales * c, result.scales) and divided.alpha == result.alpha
     fresh = quantize_groupwise(w * divided.scales, 4, 16)  # the same integers from scratch, but for float ties
     assert (fresh.q != divided.quantized.q).float().mean() < 1e-3
@@ -157,7 +164,9 @@ def test_both_scalings_search_the_two_grids_and_keep_the_best_first():
     w, x, salience = _layer(8)
     act = x.double().abs().mean(dim=0)
     both = scale_candidates("both", alpha_grid(4), salience, act, w, 16)
-    assert [(c.scaling, c.alpha) for c in both] == [("activation", a) for a in alpha_grid(4)] + [("duo", a) for a in alpha_grid(4)]
+    assert [(c.scaling, c.alpha) for c in both] == [("activation", a) for a in alpha_grid(4)] + [
+        ("duo", a) for a in alpha_grid(4)
+    ]
     result = search_scales(w, both, linear_output_error(x, w), bits=4, group_size=16)
     assert len(result.errors) == 10 and result.error == min(result.errors)
     assert (result.scaling, result.alpha) == [(c.scaling, c.alpha) for c in both][result.errors.index(result.error)]

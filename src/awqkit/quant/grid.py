@@ -5,13 +5,14 @@ input features, the last group of every row is shorter and has its own scale and
 Each quantize has its dequantize; rounding is a pluggable strategy (see ``rounding.py``).
 """
 
-
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from awqkit.config import check_quant_args
 
 # (u, scale_cols, max_int) -> integers in [0, max_int]; u = w / scale + zero, per column.
 RoundingFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -27,13 +28,6 @@ class GroupQuantized:
     bits: int
     group_size: int
     symmetric: bool = False  # zero is 2^(b-1) in every group
-
-
-def check_quant_args(bits: int, group_size: int) -> None:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
-    if group_size < 1:
-        raise ValueError(f"group size must be >= 1, got {group_size}")
 
 
 def num_groups(in_features: int, group_size: int) -> int:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from awqkit.quantize.grid import GroupQuantized, dequantize_groupwise, expand_groups, quantize_groupwise
+from awqkit.quant.grid import GroupQuantized, dequantize_groupwise, expand_groups, quantize_groupwise
 
 
 def _weights(seed: int, out: int, inp: int, shift: float = 0.0) -> torch.Tensor:
@@ -20,7 +20,11 @@ def _step_errors(w: torch.Tensor, qw: GroupQuantized) -> torch.Tensor:
 HALF_STEP = 0.5 + 1e-4
 # Weight shapes, group sizes (ragged and 1 included) and bit widths the properties hold over.
 GRIDS = dict(
-    seed=st.integers(0, 2**16), out=st.integers(1, 6), inp=st.integers(1, 40), group_size=st.integers(1, 48), bits=st.integers(2, 8)
+    seed=st.integers(0, 2**16),
+    out=st.integers(1, 6),
+    inp=st.integers(1, 40),
+    group_size=st.integers(1, 48),
+    bits=st.integers(2, 8),
 )
 
 
@@ -159,7 +163,9 @@ def test_more_bits_means_less_error():
     **GRIDS,
     shift=st.sampled_from([0.0, -4.0, 4.0]),
 )
-def test_symmetric_grids_put_zero_at_half_the_range_and_round_trip_within_half_a_step(seed, out, inp, group_size, bits, shift):
+def test_symmetric_grids_put_zero_at_half_the_range_and_round_trip_within_half_a_step(
+    seed, out, inp, group_size, bits, shift
+):
     w = _weights(seed, out, inp, shift)
     qw = quantize_groupwise(w, bits, group_size, symmetric=True)
     assert qw.symmetric and (qw.zero == 2 ** (bits - 1)).all()
@@ -169,7 +175,9 @@ def test_symmetric_grids_put_zero_at_half_the_range_and_round_trip_within_half_a
     if absmax is not None:
         assert torch.allclose(qw.scale[:, 0], (absmax.amax(dim=1) / (2 ** (bits - 1) - 0.5)).clamp(min=1e-8))
     assert _step_errors(w, qw).max() <= HALF_STEP
-    assert (dequantize_groupwise(quantize_groupwise(torch.zeros(out, inp), bits, group_size, symmetric=True)) == 0).all()
+    assert (
+        dequantize_groupwise(quantize_groupwise(torch.zeros(out, inp), bits, group_size, symmetric=True)) == 0
+    ).all()
 
 
 def test_clip_shrinks_each_groups_range_by_its_ratio_and_clamps_beyond():

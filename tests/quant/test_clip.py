@@ -1,8 +1,8 @@
 import torch
 
-from awqkit.quantize.clip import CLIP_RATIOS, clip_ratios, clip_search, group_output_errors
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise, round_nearest
-from awqkit.quantize.search import alpha_grid, linear_output_error, search_alpha
+from awqkit.quant.clip import CLIP_RATIOS, clip_ratios, clip_search, group_output_errors
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise, round_nearest
+from awqkit.quant.search import alpha_grid, linear_output_error, search_alpha
 
 
 def _layer(seed: int = 0, out: int = 12, inp: int = 40, n: int = 128):

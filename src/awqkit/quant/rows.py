@@ -9,7 +9,6 @@ made of whole chunks of ``ROW_CHUNK`` rows, the unit in which a linear's output 
 so the workers' partial error sums are the one-worker sums (search.LinearOutputError).
 """
 
-
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from awqkit.quantize.grid import GroupQuantized
+from awqkit.quant.grid import GroupQuantized
 
 # Rows per partial sum of a linear's output error, and so the unit of every split.
 ROW_CHUNK = 32

@@ -6,7 +6,6 @@ Q(W*s) on the integer grid; with per-linear scales every linear is a group of on
 nowhere and the stored weight is Q(W*s)/s. Search, rounding and bookkeeping are the same code.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -22,12 +21,12 @@ from awqkit.errors import NonFiniteError
 from awqkit.model.layout import block_linears
 from awqkit.model.scale_groups import UNCLIPPED, ScaleGroup, foldable
 from awqkit.model.walk import BlockArgs, BlockVisit, LinearStats, window_count, window_of
-from awqkit.quantize.clip import clip_search
-from awqkit.quantize.fold import fold_normalizer, fold_scales
-from awqkit.quantize.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
-from awqkit.quantize.rounding import RoundingFactory, make_rounding
-from awqkit.quantize.rows import ALL_ROWS, RowShare, gather_quantized
-from awqkit.quantize.search import (
+from awqkit.quant.clip import clip_search
+from awqkit.quant.fold import fold_normalizer, fold_scales
+from awqkit.quant.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
+from awqkit.quant.rounding import RoundingFactory, make_rounding
+from awqkit.quant.rows import ALL_ROWS, RowShare, gather_quantized
+from awqkit.quant.search import (
     ErrorFn,
     SearchResult,
     alpha_grid,
@@ -108,12 +107,16 @@ class ModuleOutputError:
         return self.mean(self.window_sums(w_hat, range(self.n_parts)))
 
 
-def module_output_error(module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs) -> ModuleOutputError:
+def module_output_error(
+    module: nn.Module, weight_names: list[str], sizes: list[int], inputs: BlockArgs
+) -> ModuleOutputError:
     """The MSE of ``module``'s output on ``inputs`` when the named weights are replaced by W_hat."""
     return ModuleOutputError(module, weight_names, sizes, inputs)
 
 
-def _group_error(visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig) -> ErrorFn:
+def _group_error(
+    visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig
+) -> ErrorFn:
     if config.objective == "module" and group.module is not None:
         module = visit.forward.get_submodule(group.module)
         names = [f"{name.removeprefix(group.module + '.')}.weight" for name in group.balance]
@@ -153,8 +156,14 @@ def _unclipped_rows(group: ScaleGroup, sizes: list[int], device: torch.device) -
 
 
 def _search(
-    visit: BlockVisit, group: ScaleGroup, w: torch.Tensor, sizes: list[int], config: QuantizeConfig, scale_free: bool,
-    timings: dict[str, float], rows: RowShare,
+    visit: BlockVisit,
+    group: ScaleGroup,
+    w: torch.Tensor,
+    sizes: list[int],
+    config: QuantizeConfig,
+    scale_free: bool,
+    timings: dict[str, float],
+    rows: RowShare,
 ) -> SearchResult:
     """The group's scales (s = 1 when ``scale_free``), then its clipping when asked for; this
     process quantizes its ``rows`` of the group's weight."""
@@ -165,7 +174,9 @@ def _search(
         candidates = scale_candidates("activation", [0.0], stats.mean_square())
     else:
         alphas = alpha_grid(config.n_grid)
-        candidates = scale_candidates(config.scaling, alphas, stats.mean_square(), stats.mean_abs(), w, config.group_size)
+        candidates = scale_candidates(
+            config.scaling, alphas, stats.mean_square(), stats.mean_abs(), w, config.group_size
+        )
     grid = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
     result = search_scales(w, candidates, error_of, rounding=rounding, rows=rows, **grid)
     if config.clip:
@@ -206,7 +217,9 @@ def _check_groups(visit: BlockVisit, groups: tuple[ScaleGroup, ...]) -> None:
         raise RuntimeError(f"scale groups cover {sorted(covered)}, but the block's linears are {linears}")
     for group in groups:
         if any(visit.stats[name] is not visit.stats[group.balance[0]] for name in group.balance):
-            raise RuntimeError(f"{', '.join(group.balance)} do not read one input tensor; the scale group table is wrong")
+            raise RuntimeError(
+                f"{', '.join(group.balance)} do not read one input tensor; the scale group table is wrong"
+            )
 
 
 def quantize_block(
@@ -241,12 +254,16 @@ def quantize_block(
             if fallback:
                 result = _round_to_nearest(w, config, rows)
             else:
-                result = _search(visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings, rows=rows)
+                result = _search(
+                    visit, group, w, sizes, config, scale_free=on_grid and not folds, timings=timings, rows=rows
+                )
         except NonFiniteError as error:
             raise NonFiniteError(f"block {visit.index} {', '.join(group.balance)}: {error}") from None
         flipped = _flips(w, result, config)  # before the division below, which moves rounding ties
         if folds:
-            result = result.divided(fold_normalizer(visit.block.get_submodule(group.smooth), result.scales, norm_offset))
+            result = result.divided(
+                fold_normalizer(visit.block.get_submodule(group.smooth), result.scales, norm_offset)
+            )
             fold_scales(visit.block, group, result.scales, norm_offset)
             visit.sync_forward()
         # Folded, the stored weight is Q(W*s) itself; otherwise Q(W*s)/s (s = 1 on the grid).
@@ -259,7 +276,10 @@ def quantize_block(
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
             record = _record(result, flips, slice(starts[i], starts[i] + sizes[i]), fallback)
-            done[name] = (QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None), weight)
+            done[name] = (
+                QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None),
+                weight,
+            )
     for name, (_, weight) in done.items():
         visit.block.get_submodule(name).weight.data.copy_(weight)
     return {name: done[name][0] for name in block_linears(visit.block)}

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from awqkit.quantize.grid import expand_groups, quantize_groupwise
-from awqkit.quantize.rounding import GreedyFlipRounding, outlier_mask, row_output_error
+from awqkit.quant.grid import expand_groups, quantize_groupwise
+from awqkit.quant.rounding import GreedyFlipRounding, outlier_mask, row_output_error
 
 
 def _case(seed: int = 0, out: int = 24, inp: int = 96, bits: int = 4, group_size: int = 32):
@@ -107,7 +107,7 @@ def test_greedy_matches_the_definition_row_by_row(seed):
 
 def test_numpy_closest_columns_agree_with_topk_and_break_ties_by_column():
     # CPU runs the numpy keys; other devices run torch.topk: both must give the same order.
-    from awqkit.quantize.rounding import _closest_columns_numpy
+    from awqkit.quant.rounding import _closest_columns_numpy
 
     g = torch.Generator().manual_seed(5)
     distance = torch.rand(40, 300, generator=g) * 0.5

@@ -8,17 +8,18 @@ rows) it is mean((X (W - W_hat)^T)^2): that equals the MSE of X W^T + b against 
 exactly, since the bias cancels, and one product per alpha avoids subtracting two large outputs.
 """
 
-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from awqkit.config import SCALINGS
 from awqkit.errors import NonFiniteError
-from awqkit.quantize.grid import (
+from awqkit.quant.grid import (
     GroupQuantized,
     as_groups,
     dequantize_groupwise,
@@ -26,8 +27,8 @@ from awqkit.quantize.grid import (
     quantize_groupwise,
     round_nearest,
 )
-from awqkit.quantize.rounding import RoundingFactory
-from awqkit.quantize.rows import ALL_ROWS, ROW_CHUNK, RowShare, gather_quantized
+from awqkit.quant.rounding import RoundingFactory
+from awqkit.quant.rows import ALL_ROWS, ROW_CHUNK, RowShare, gather_quantized
 
 
 def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -37,9 +38,6 @@ def awq_scales(salience: torch.Tensor, alpha: float) -> torch.Tensor:
     constant keeps folded weights representable depends on where s folds (folding.fold_normalizer).
     """
     return salience.pow(alpha).clamp(min=1e-5)
-
-
-SCALINGS = ("activation", "duo", "both")
 
 
 def weight_abs_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -251,4 +249,6 @@ def search_alpha(
     if not bool(torch.isfinite(salience).all()):
         raise NonFiniteError("the input statistics hold NaN or infinite values (the forward pass overflowed?)")
     candidates = scale_candidates("activation", alphas, salience)
-    return search_scales(w, candidates, error_of, bits=bits, group_size=group_size, rounding=rounding, symmetric=symmetric)
+    return search_scales(
+        w, candidates, error_of, bits=bits, group_size=group_size, rounding=rounding, symmetric=symmetric
+    )

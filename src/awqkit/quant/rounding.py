@@ -5,17 +5,17 @@ Both strategies share ``round_nearest``; greedy only ever moves an integer to th
 neighbour of ``u``, so with no flips it is nearest rounding, bit for bit.
 """
 
-
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
-from awqkit.quantize.grid import RoundingFn, round_nearest
+from awqkit.config import ROUNDINGS
+from awqkit.quant.grid import RoundingFn, round_nearest
 
 
 def outlier_mask(act_mean: torch.Tensor, outlier_percent: float) -> torch.Tensor:
@@ -136,9 +136,6 @@ def _closest_columns_numpy(distance: torch.Tensor) -> Callable[[int], torch.Tens
 
 # A rounding factory takes the AWQ scales of one grid point and returns the strategy to use there.
 RoundingFactory = Callable[[torch.Tensor], RoundingFn]
-
-
-ROUNDINGS = ("nearest", "greedy")
 
 
 def make_rounding(name: str, act_mean: torch.Tensor, outlier_percent: float) -> RoundingFactory:

@@ -8,7 +8,6 @@ ignore the cross terms between groups, so the whole layer is measured again with
 ratios, by the search's own error function, and the clipping is kept only if that error is lower.
 """
 
-
 from __future__ import annotations
 
 import math
@@ -18,10 +17,10 @@ from dataclasses import replace
 import torch
 
 from awqkit.errors import NonFiniteError
-from awqkit.quantize.grid import dequantize_groupwise, num_groups, quantize_groupwise
-from awqkit.quantize.rounding import RoundingFactory
-from awqkit.quantize.rows import ALL_ROWS, RowShare, gather_quantized
-from awqkit.quantize.search import ErrorFn, SearchResult, whole_error
+from awqkit.quant.grid import dequantize_groupwise, num_groups, quantize_groupwise
+from awqkit.quant.rounding import RoundingFactory
+from awqkit.quant.rows import ALL_ROWS, RowShare, gather_quantized
+from awqkit.quant.search import ErrorFn, SearchResult, whole_error
 
 # AutoAWQ's grid: shrink by up to 45% in steps of 5%.
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))

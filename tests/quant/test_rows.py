@@ -4,14 +4,16 @@ the whole weight, bit for bit, for every step workers split (quantize, greedy, c
 import pytest
 import torch
 
-from awqkit.quantize.clip import clip_ratios
-from awqkit.quantize.grid import dequantize_groupwise, quantize_groupwise
-from awqkit.quantize.rounding import make_rounding
-from awqkit.quantize.rows import ALL_ROWS, row_blocks
-from awqkit.quantize.search import linear_output_error, scale_candidates, search_scales
+from awqkit.quant.clip import clip_ratios
+from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
+from awqkit.quant.rounding import make_rounding
+from awqkit.quant.rows import ALL_ROWS, row_blocks
+from awqkit.quant.search import linear_output_error, scale_candidates, search_scales
 
 
-@pytest.mark.parametrize("n_rows, world, unit", [(10, 1, 1), (11, 2, 1), (13, 4, 1), (3, 4, 1), (192, 2, 32), (37, 2, 32), (576, 3, 32)])
+@pytest.mark.parametrize(
+    "n_rows, world, unit", [(10, 1, 1), (11, 2, 1), (13, 4, 1), (3, 4, 1), (192, 2, 32), (37, 2, 32), (576, 3, 32)]
+)
 def test_row_blocks_are_whole_chunks_covering_every_row_once_in_order(n_rows, world, unit):
     blocks = row_blocks(n_rows, world, unit)
     assert len(blocks) == world
