@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,12 @@ import torch
 
 from awqkit.data.tokens import bos_to_prepend
 from awqkit.formats.grids import GGUF_GROUP_SIZE, GGUF_TYPES, check_gguf
+from awqkit.io.safetensors import INDEX, meta_tensor, read_tensors, tensor_files, tensor_headers
 from awqkit.quant.grid import GroupQuantized
 
 # transformers model_type -> GGUF architecture name
 GGUF_ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 GGUF_FILE = "model.gguf"
-# the dtypes awqkit's checkpoints hold, as the safetensors header names them
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 # A BPE tokenizer's pre-tokenizer must be named for llama.cpp to split text as the model was
 # trained; it is recognised by the ids it gives this text (llama.cpp does the same with its own).
 PRETOKENIZER_PROBE = "Hello world!  It's 2026: 3.14159 apples\n\n\tcost $12,345 (¡olé!) 你好 — x==y   z"
@@ -186,16 +184,6 @@ def _vocabulary(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         special_vocab.add_to_gguf(writer, quiet=True)
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    with safe_open(folder / "model.safetensors", "pt") as handle:
-        return {name: folder / "model.safetensors" for name in handle.keys()}
-
-
 def _gguf_tensor(
     name: str, tensor: torch.Tensor, config: Any, architecture: str, type_name: str
 ) -> tuple[torch.Tensor, Any]:
@@ -217,22 +205,15 @@ def _gguf_tensor(
     return tensor.contiguous().view(torch.uint8), gguf.GGMLQuantizationType.BF16
 
 
-def _header_tensor(handle: Any, name: str) -> torch.Tensor:
-    """A meta tensor of the shape and dtype the safetensors header gives ``name``."""
-    part = handle.get_slice(name)
-    return torch.empty(part.get_shape(), dtype=SAFETENSORS_DTYPES[part.get_dtype()], device="meta")
-
-
 def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Path:
     """Turn the safetensors checkpoint in ``folder`` (quantized linears as ``<name>.gguf`` blocks)
     into ``folder/model.gguf``, one tensor in memory at a time, and remove the safetensors."""
     import gguf
-    from safetensors import safe_open
 
     check_gguf_model(config)
     architecture = GGUF_ARCHITECTURES[config.model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[architecture.upper()], config.num_hidden_layers)
-    files = _tensor_files(folder)
+    files = tensor_files(folder)
     path = folder / GGUF_FILE
     writer = gguf.GGUFWriter(path, architecture)
     writer.add_name(Path(getattr(config, "_name_or_path", "") or architecture).name)
@@ -240,29 +221,25 @@ def write_gguf(folder: Path, config: Any, tokenizer: Any, type_name: str) -> Pat
     _vocabulary(writer, tokenizer, config.vocab_size)
 
     plan = sorted(files)
-    with ExitStack() as stack:  # headers only: each shard opened once, no tensor data touched
-        headers = {file: stack.enter_context(safe_open(file, "pt")) for file in set(files.values())}
-        for name in plan:
-            target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
-            if target is None:
-                raise ValueError(f"format gguf: no GGUF name for tensor {name}")
-            suffix = ".bias" if name.endswith(".bias") else ".weight"
-            shaped, raw = _gguf_tensor(
-                name, _header_tensor(headers[files[name]], name), config, architecture, type_name
-            )
-            dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
-            writer.add_tensor_info(
-                target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw
-            )
+    headers = tensor_headers(sorted(set(files.values())))  # headers only: no tensor data touched
+    for name in plan:
+        target = names.get_name(name.removesuffix(".gguf").removesuffix(".weight").removesuffix(".bias"))
+        if target is None:
+            raise ValueError(f"format gguf: no GGUF name for tensor {name}")
+        suffix = ".bias" if name.endswith(".bias") else ".weight"
+        shaped, raw = _gguf_tensor(name, meta_tensor(headers[name]), config, architecture, type_name)
+        dtype = torch.empty(0, dtype=shaped.dtype).numpy().dtype
+        writer.add_tensor_info(
+            target + suffix, shaped.shape, dtype, shaped.numel() * shaped.element_size(), raw_dtype=raw
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for name in plan:  # one open per tensor: its mapped pages leave with it
-        with safe_open(files[name], "pt") as handle:
-            tensor = handle.get_tensor(name)
+        tensor = read_tensors(files, [name])[name]
         writer.write_tensor_data(_gguf_tensor(name, tensor, config, architecture, type_name)[0].numpy())
     writer.close()
     for name in set(files.values()):
         name.unlink()
-    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    (folder / INDEX).unlink(missing_ok=True)
     return path

@@ -1,56 +1,166 @@
-"""The one reader of safetensors checkpoints: which files, which tensor is where, its dtype and shape."""
+"""The one reader of safetensors checkpoints: which files make one up, which tensor is where, its
+dtype and shape from the header, and its data. Every problem is one line naming the file.
+
+Each read opens and closes its file: safetensors maps the file, and a mapping kept open would count
+every page read so far as resident memory.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-
-log = logging.getLogger("awqkit")
-
+from safetensors import SafetensorError, safe_open
 
 INDEX = "model.safetensors.index.json"
-
-
 SINGLE = "model.safetensors"
-
-
+# Written beside a checkpoint's weights (awqkit's scales), never loaded with them.
+SIDE_FILES = ("awq_scales.safetensors",)
 CONVERT_HINT = (
     'convert it once with: python -c "from transformers import AutoModelForCausalLM as M; '
     "M.from_pretrained('{src}').save_pretrained('{src}-safetensors')\""
 )
 
+# The format's dtype codes and the torch dtypes they hold: the one dtype map.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+
+def dtype_name(code: str) -> str:
+    """A dtype code as torch names the dtype (``BF16`` -> ``bfloat16``)."""
+    return str(DTYPES[code]).removeprefix("torch.") if code in DTYPES else code
+
+
+def dtype_bits(code: str) -> int:
+    return DTYPES[code].itemsize * 8
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    file: Path
+    dtype: str  # the format's code, e.g. BF16
+    shape: list[int]
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` with its errors (a bad header, a truncated file) as one line naming the file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ValueError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a safetensors index: tensor name -> shard file name."""
+    try:
+        content = json.loads(index.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {index}: {error}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ValueError(f"cannot read {index}: no weight_map from tensor names to shard files")
+    return weight_map
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the file holding it, for a model folder (its index, else model.safetensors)."""
+    index = folder / INDEX
+    if index.is_file():
+        files = {name: folder / file for name, file in read_index(index).items()}
+    elif (folder / SINGLE).is_file():
+        files = dict.fromkeys(tensor_names(folder / SINGLE), folder / SINGLE)
+    elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ValueError(
+            f"{folder} holds PyTorch .bin weights; awqkit reads safetensors: {CONVERT_HINT.format(src=folder)}"
+        )
+    else:
+        raise FileNotFoundError(f"no safetensors weights in {folder} ({SINGLE} or {INDEX})")
+    missing = sorted({str(path) for path in files.values() if not path.is_file()})
+    if missing:
+        raise FileNotFoundError(f"{index}: shard(s) missing: {', '.join(missing)}")
+    return files
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files of the checkpoint at ``path``: the file itself, or a folder's indexed shards, its
+    model.safetensors, else every *.safetensors in it but the side files."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / INDEX).is_file():
+        return [path / file for file in sorted(set(read_index(path / INDEX).values()))]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    files = sorted(p for p in path.glob("*.safetensors") if p.name not in SIDE_FILES)
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    return files
+
+
+def tensor_names(path: Path) -> list[str]:
+    with opened(path) as handle:
+        return list(handle.keys())
+
+
+def tensor_headers(files: list[Path]) -> dict[str, TensorHeader]:
+    """Name -> file, dtype and shape of every tensor in ``files``, from the headers only."""
+    headers: dict[str, TensorHeader] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint shard missing: {file}")
+        with opened(file) as handle:
+            for name in handle.keys():
+                if name in headers:
+                    raise ValueError(f"tensor {name} is in both {headers[name].file} and {file}")
+                piece = handle.get_slice(name)
+                headers[name] = TensorHeader(file, piece.get_dtype(), list(piece.get_shape()))
+    return headers
+
+
+def meta_tensor(header: TensorHeader) -> torch.Tensor:
+    """A tensor of the header's shape and dtype on the meta device: shapes planned, nothing read."""
+    return torch.empty(header.shape, dtype=DTYPES[header.dtype], device="meta")
+
+
+def read_tensors(
+    files: dict[str, Path], names: list[str], keys: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The named tensors (stored under ``keys[name]`` when given), each file opened once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors = {}
+    for path, file_names in by_file.items():
+        with opened(path) as handle:
+            for name in file_names:
+                tensors[name] = handle.get_tensor(keys[name] if keys else name)
+    return {name: tensors[name] for name in names}
+
 
 class CheckpointFiles:
-    """The tensors of a safetensors checkpoint folder (one file or an index of shards), by name."""
+    """The tensors of a model folder by name, renamed as the model names them; reads use the stored key."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        index = folder / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{index}: not a safetensors index (no weight_map)") from None
-            self.files = {name: folder / file for name, file in weight_map.items()}
-        elif (folder / SINGLE).is_file():
-            self.files = {name: folder / SINGLE for name in _keys(folder / SINGLE)}
-        elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-            raise ValueError(
-                f"{folder} holds PyTorch .bin weights; awqkit reads safetensors: {CONVERT_HINT.format(src=folder)}"
-            )
-        else:
-            raise FileNotFoundError(f"no safetensors weights in {folder} ({SINGLE} or {INDEX})")
-        missing = sorted({str(path) for path in self.files.values() if not path.is_file()})
-        if missing:
-            raise FileNotFoundError(f"{index}: shard(s) missing: {', '.join(missing)}")
+        self.files = tensor_files(folder)
         self.keys = {name: name for name in self.files}  # name -> the key it is stored under
 
     def rename(self, rename: Callable[[str], str]) -> None:
-        """Name each tensor as the model does (``rename`` of its stored key); reads use the stored key."""
+        """Name each tensor as the model does (``rename`` of its stored key)."""
         self.files = {rename(key): path for key, path in self.files.items()}
         self.keys = {rename(key): key for key in self.keys.values()}
 
@@ -58,30 +168,9 @@ class CheckpointFiles:
         return list(self.files)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each shard opened once and closed again."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        tensors = {}
-        for path, file_names in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name in file_names:
-                    tensors[name] = handle.get_tensor(self.keys[name])
-        return {name: tensors[name] for name in names}
+        return read_tensors(self.files, names, self.keys)
 
     def identity(self) -> list[tuple[str, int, int]]:
         """Each file's name, size and modification time: a different checkpoint never matches."""
         files = sorted({*self.files.values(), self.folder / "config.json"})
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
-
-
-def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as error:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None

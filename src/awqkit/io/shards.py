@@ -19,12 +19,7 @@ from typing import Any
 
 import torch
 
-# The safetensors dtype names (see the format's specification).
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}  # fmt: skip
+from awqkit.io.safetensors import CODES
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -91,12 +86,12 @@ class ShardWriter:
         for name, tensor in tensors.items():
             if name in self.weight_map:
                 raise ValueError(f"tensor {name} written twice")
-            if tensor.dtype not in DTYPE_NAMES:
+            if tensor.dtype not in CODES:
                 raise ValueError(f"tensor {name}: safetensors cannot hold dtype {tensor.dtype}")
             start = self._open_size()
             self._data.write(tensor_bytes(tensor))
             end = start + tensor.numel() * tensor.element_size()
-            self.entries.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape), start, end])
+            self.entries.append([name, CODES[tensor.dtype], list(tensor.shape), start, end])
             self.weight_map[name] = self.closed
             self.total_size += end - start
 

@@ -8,7 +8,6 @@ memory at a time, and the float64 arithmetic runs on slices, so any checkpoint s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -17,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from awqkit.io.safetensors import TensorHeader, checkpoint_files, dtype_name, read_tensors, tensor_headers
 from awqkit.markdown import markdown_table
 
 log = logging.getLogger("awqkit")
@@ -156,54 +155,6 @@ def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
     return diff
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files that make up the checkpoint at ``path`` (a file or a folder)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / shard for shard in sorted(set(_index_shards(index)))]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {path}")
-    return files
-
-
-def _index_shards(index: Path) -> list[str]:
-    """The shard file names a model.safetensors.index.json maps tensors to."""
-    try:
-        content = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {index}: {error}") from None
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
-        raise ValueError(f"{index} has no weight_map from tensor names to shard files")
-    return list(weight_map.values())
-
-
-def tensor_locations(files: list[Path]) -> dict[str, Path]:
-    """Which file holds each tensor; reads headers only."""
-    where: dict[str, Path] = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint shard missing: {file}")
-        try:
-            with safe_open(file, framework="pt") as handle:
-                names = list(handle.keys())
-        except SafetensorError as error:
-            raise ValueError(f"cannot read {file}: {error}") from None
-        for name in names:
-            if name in where:
-                raise ValueError(f"tensor {name} is in both {where[name]} and {file}")
-            where[name] = file
-    return where
-
-
 def _natural_key(name: str) -> list:
     # "layers.10" after "layers.9": digits compare as numbers.
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -227,39 +178,20 @@ def model_order(folder: Path) -> dict[str, int]:
     return {name: i for i, name in enumerate(model.state_dict())}
 
 
-def _load(file: Path, name: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as handle:
-        return handle.get_tensor(name)
-
-
-def _describe_missing(name: str, file: Path, side: str) -> TensorDiff:
-    with safe_open(file, framework="pt") as handle:
-        piece = handle.get_slice(name)
-        code, shape = piece.get_dtype(), list(piece.get_shape())
-    dtype = SAFETENSORS_DTYPES.get(code, code)
+def _describe_missing(name: str, header: TensorHeader, side: str) -> TensorDiff:
+    dtype = dtype_name(header.dtype)
     if side == "A":
-        return TensorDiff(name, "only in A", dtype, None, shape, None)
-    return TensorDiff(name, "only in B", None, dtype, None, shape)
+        return TensorDiff(name, "only in A", dtype, None, header.shape, None)
+    return TensorDiff(name, "only in B", None, dtype, None, header.shape)
 
 
-# safetensors' dtype codes, named as torch names them elsewhere in the report.
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+def _load(header: TensorHeader, name: str) -> torch.Tensor:
+    return read_tensors({name: header.file}, [name])[name]
 
 
 def diff_checkpoints(a: str | Path, b: str | Path) -> CheckpointDiff:
     """Compare every tensor of checkpoints ``a`` and ``b``, in the order of ``a``'s model."""
-    where_a, where_b = tensor_locations(checkpoint_files(a)), tensor_locations(checkpoint_files(b))
+    where_a, where_b = tensor_headers(checkpoint_files(a)), tensor_headers(checkpoint_files(b))
     folders = [Path(p).expanduser() for p in (a, b)]
     order = next((o for o in (model_order(f) for f in folders if f.is_dir()) if o), {})
     names = sorted(where_a.keys() | where_b.keys(), key=lambda n: (order.get(n, len(order)), _natural_key(n)))

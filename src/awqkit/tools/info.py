@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+from awqkit.io.safetensors import TensorHeader, checkpoint_files, dtype_bits, tensor_headers
 
 LOADERS = {
     "awq": "transformers (with gptqmodel installed) and vLLM (awq, awq_marlin on capable GPUs)",
@@ -15,25 +15,6 @@ LOADERS = {
     "fake": "any transformers or vLLM, as an ordinary float checkpoint",
     "gguf": "llama.cpp and the tools built on it (Ollama, LM Studio); transformers with gguf_file= (de-quantizes)",
     "float": "any transformers or vLLM, as an ordinary float checkpoint",
-}
-
-
-DTYPE_BITS = {
-    "F64": 64,
-    "F32": 32,
-    "F16": 16,
-    "BF16": 16,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "I64": 64,
-    "I32": 32,
-    "I16": 16,
-    "I8": 8,
-    "U64": 64,
-    "U32": 32,
-    "U16": 16,
-    "U8": 8,
-    "BOOL": 8,
 }
 
 
@@ -68,49 +49,31 @@ def _read_json(path: Path) -> dict:
     return content
 
 
-def _tensor_headers(folder: Path) -> dict[str, tuple[str, list[int]]]:
-    """name -> (dtype, shape) from the safetensors headers, without reading any data."""
-    headers = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        if path.name == "awq_scales.safetensors":
-            continue
-        # safetensors checks the header (its length, JSON, dtypes, offsets against the file size).
-        try:
-            with safe_open(path, framework="pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    headers[name] = (piece.get_dtype(), list(piece.get_shape()))
-        except SafetensorError as error:
-            raise ValueError(f"cannot read {path}: {error}") from None
-    return headers
-
-
-def _bits_of(header: tuple[str, list[int]]) -> int:
-    dtype, shape = header
-    return DTYPE_BITS[dtype] * math.prod(shape)
+def _bits_of(header: TensorHeader) -> int:
+    return dtype_bits(header.dtype) * math.prod(header.shape)
 
 
 def _quantized_linears(
-    config: dict, record: dict | None, headers: dict[str, tuple[str, list[int]]]
+    config: dict, record: dict | None, headers: dict[str, TensorHeader]
 ) -> tuple[str, int | None, int | None, list[str], int]:
     """Format, bits, group size, quantized linears and their weight count, from the metadata."""
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") == "awq":
         bits, group_size = quant.get("bits", quant.get("w_bit")), quant.get("group_size", quant.get("q_group_size"))
         bases = [k.removesuffix(".qweight") for k in headers if k.endswith(".qweight")]
-        return "awq", bits, group_size, bases, sum(math.prod(headers[f"{b}.qweight"][1]) * 32 // bits for b in bases)
+        return "awq", bits, group_size, bases, sum(math.prod(headers[f"{b}.qweight"].shape) * 32 // bits for b in bases)
     if quant.get("quant_method") == "compressed-tensors":
         scheme = next(iter(quant["config_groups"].values()))["weights"]
         bits, group_size = scheme["num_bits"], scheme.get("group_size")
         bases = [k.removesuffix(".weight_packed") for k in headers if k.endswith(".weight_packed")]
         # weight_shape holds [out, in]; the packed width is in * bits / 32, rounded up.
         weights = sum(
-            headers[f"{b}.weight_scale"][1][0] * headers[f"{b}.weight_packed"][1][1] * 32 // bits for b in bases
+            headers[f"{b}.weight_scale"].shape[0] * headers[f"{b}.weight_packed"].shape[1] * 32 // bits for b in bases
         )
         return "compressed-tensors", bits, group_size, bases, weights
     if record is not None:
         bases = list(record["layers"])
-        weights = sum(math.prod(headers[f"{b}.weight"][1]) for b in bases)
+        weights = sum(math.prod(headers[f"{b}.weight"].shape) for b in bases)
         return "fake", record["config"]["bits"], record["config"]["group_size"], bases, weights
     return "float", None, None, [], 0
 
@@ -148,7 +111,7 @@ def checkpoint_info(folder: str | Path) -> CheckpointInfo:
     config = _read_json(folder / "config.json")
     record_path = folder / "awqkit.json"
     record = _read_json(record_path) if record_path.is_file() else None
-    headers = _tensor_headers(folder)
+    headers = tensor_headers(checkpoint_files(folder))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     dtype = config.get("dtype") or config.get("torch_dtype")
     # Metadata written by hand or by another tool can lack any field read here, or name tensors
