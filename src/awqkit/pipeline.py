@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from awqkit import __version__
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
@@ -24,8 +26,9 @@ from awqkit.data.tokens import calibration_data
 from awqkit.formats.folder import write_model_files
 from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
 from awqkit.formats.tensors import block_tensors, check_packable
-from awqkit.io.publish import check_output_dir, publish
+from awqkit.io.publish import check_not_input, check_output_dir, publish
 from awqkit.io.resume import (
+    Progress,
     clear_progress,
     fingerprint,
     load_hidden,
@@ -201,8 +204,6 @@ def quantize_model(
 
 def run_record(source: str, dtype: str, config: QuantizeConfig, layers: dict[str, Any]) -> dict:
     """What goes into awqkit.json: deterministic, so equal runs give equal files."""
-    import transformers
-
     return {
         "awqkit_version": __version__,
         "source_model": source,
@@ -234,16 +235,76 @@ def quantize(
     output is built in a hidden sibling folder that the same command, run again after a kill,
     continues from; it is renamed to ``out_dir`` when complete.
     """
+    run = _prepare(model_name_or_path, out_dir, config, dtype, device, max_shard_size, overwrite)
+    output = _open_or_resume(run)
+    _walk_and_write(run, output, progress and run.workers.writes)
+    result = QuantizeResult(
+        {name: LayerRecord(**rec) for name, rec in output.progress.layers.items()},
+        {},
+        timings=run.timings,
+        blocks=output.progress.blocks,
+    )
+    if run.workers.writes:
+        _publish(run, output, result)
+    return result
 
+
+@dataclass
+class _StreamedRun:
+    """What a streamed run was asked and found before any output is written."""
+
+    model_name_or_path: str
+    out: Path
+    overwrite: bool
+    config: QuantizeConfig  # n_calib and seq_len as the windows have them
+    dtype: str
+    max_shard_bytes: int
+    workers: Workers
+    device: torch.device
+    folder: Path  # the model's local folder
+    tokenizer: Any
+    windows: torch.Tensor
+    source: StreamedModel
+    architecture: Architecture | None
+    timings: dict[str, float]
+
+    @property
+    def partial(self) -> Path:
+        return partial_folder(self.out)
+
+    def stored(self, module: str) -> str:
+        """A linear (or any module with a weight) by the checkpoint's name."""
+        return self.source.stored_name(f"{module}.weight").removesuffix(".weight")
+
+    def fingerprint(self) -> str:
+        """What must be equal for a partial folder to be this run's."""
+        return fingerprint({
+            "awqkit": library_versions(), "config": asdict(self.config), "dtype": self.dtype,
+            "device": str(self.device), "source": self.source.files.identity(),
+            "windows": hashlib.sha256(self.windows.numpy().tobytes()).hexdigest(),
+            "max_shard_bytes": self.max_shard_bytes, "workers": self.workers.world,
+        })  # fmt: skip
+
+
+def _prepare(
+    model_name_or_path: str,
+    out_dir: str | Path,
+    config: QuantizeConfig,
+    dtype: str,
+    device: str,
+    max_shard_size: str | int,
+    overwrite: bool,
+) -> _StreamedRun:
+    """Every check that can fail on the input, before any output is written: options, output path,
+    calibration text, the model's structure against the format."""
     config.validate()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     workers, compute_device = start_workers(resolve_device(device))
-    progress = progress and workers.writes
     out = check_output_dir(out_dir, overwrite)
     folder = resolve_model_folder(model_name_or_path)
-    check_output_dir(out_dir, overwrite, inputs=(folder,))
+    check_not_input(out, folder)
     timings: dict[str, float] = {}
     # Text problems surface before the model is opened.
     with timed(timings, "calibration data"):
@@ -261,85 +322,117 @@ def quantize(
     if config.format == "gguf":
         check_gguf_tokenizer(tokenizer)
     architecture = architecture_of(source.model) if config.scales == "shared" else None
-    layout = source.layout
     log.info("calibrating on %d windows x %d tokens from %s", *windows.shape, config.calib_tokens or config.calib_data)
+    return _StreamedRun(
+        model_name_or_path, out, overwrite, config, dtype, max_shard_bytes, workers, compute_device, folder,
+        tokenizer, windows, source, architecture, timings,
+    )  # fmt: skip
 
-    partial = partial_folder(out)
-    run_fingerprint = fingerprint({
-        "awqkit": library_versions(), "config": asdict(config), "dtype": dtype, "device": str(compute_device),
-        "source": source.files.identity(), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-        "max_shard_bytes": max_shard_bytes, "workers": workers.world,
-    })  # fmt: skip
+
+@dataclass
+class _Output:
+    """The partial folder being written: its saved progress, its writers (worker 0 only) and the
+    inputs entering the first block still to do."""
+
+    progress: Progress
+    inputs: BlockInputs
+    weights: ShardWriter | None = None
+    scales: ShardWriter | None = None
+
+
+def _open_or_resume(run: _StreamedRun) -> _Output:
+    """The partial folder of this very run (a stale one is cleared), and the hidden states entering
+    the block to start from: captured from the embeddings, or saved by the run that stopped."""
+    workers, config, source = run.workers, run.config, run.source
+    weights = scales = None
     if workers.writes:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        run = open_partial(partial, run_fingerprint)
-        writer = ShardWriter(partial, "model", max_shard_bytes, run.writers.get("model"))
-        scales_writer = ShardWriter(partial, "awq_scales", state=run.writers.get("scales"))
-    run = workers.broadcast(run if workers.writes else None)
-    with timed(timings, "calibration"):
+        run.out.parent.mkdir(parents=True, exist_ok=True)
+        progress = open_partial(run.partial, run.fingerprint())
+        weights = ShardWriter(run.partial, "model", run.max_shard_bytes, progress.writers.get("model"))
+        scales = ShardWriter(run.partial, "awq_scales", state=progress.writers.get("scales"))
+    progress = workers.broadcast(progress if workers.writes else None)
+    n_batches = -(-run.windows.shape[0] // config.batch_size)
+    with timed(run.timings, "calibration"):
         source.materialize_decoder()
         dtype_of_products = getattr(torch, config.compute_dtype)
-        inputs = capture_block_inputs(layout, windows, config.batch_size, dtype_of_products, workers.batches(n_batches))
+        batches = workers.batches(n_batches)
+        inputs = capture_block_inputs(source.layout, run.windows, config.batch_size, dtype_of_products, batches)
         source.release_decoder()
-    if run.next_block == 0:
-        if workers.writes:
-            with timed(timings, "save"):
-                writer.add(source.stored_names(source.read(source.non_block_names())))
-    else:
-        inputs.hidden = load_hidden(partial, run.next_block, workers)
+    if progress.next_block > 0:
+        inputs.hidden = load_hidden(run.partial, progress.next_block, workers)
+    elif weights is not None:
+        with timed(run.timings, "save"):
+            weights.add(source.stored_names(source.read(source.non_block_names())))
+    return _Output(progress, inputs, weights, scales)
 
-    def stored(module: str) -> str:  # a linear (or any module with a weight) by the checkpoint's name
-        return source.stored_name(f"{module}.weight").removesuffix(".weight")
 
-    def write_block(visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
-        prefix = source.block_prefix(visit.index)
-        with timed(timings, "save"):
-            run.layers.update({stored(prefix + name): asdict(linear.record) for name, linear in linears.items()})
-            run.blocks.append(measured)
-            run.stored_dtype = run.stored_dtype or _dtype_name(visit.stored_dtypes[f"{next(iter(linears))}.weight"])
-            run.next_block = visit.index + 1
-            if workers.writes:
+class _BlockWriter:
+    """The walk's hand-off for a streamed run: each finished block appended to the shards, its
+    records and the next block's inputs saved, so a stopped run continues after it."""
+
+    def __init__(self, run: _StreamedRun, output: _Output):
+        self.run, self.output = run, output
+
+    def __call__(self, visit: BlockVisit, linears: dict[str, QuantizedLinear], measured: dict[str, Any]) -> None:
+        run, progress, weights, scales = self.run, self.output.progress, self.output.weights, self.output.scales
+        prefix = run.source.block_prefix(visit.index)
+        with timed(run.timings, "save"):
+            progress.layers.update(
+                {run.stored(prefix + name): asdict(linear.record) for name, linear in linears.items()}
+            )
+            progress.blocks.append(measured)
+            first_weight = visit.stored_dtypes[f"{next(iter(linears))}.weight"]
+            progress.stored_dtype = progress.stored_dtype or _dtype_name(first_weight)
+            progress.next_block = visit.index + 1
+            if weights is not None and scales is not None:
                 quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
-                writer.add(source.stored_names(block_tensors(prefix, visit.stored_state(), quantized, config.format)))
-                scales_writer.add({stored(prefix + name): linear.scales for name, linear in linears.items()})
-                run.writers = {"model": writer.state(), "scales": scales_writer.state()}
-            save_progress(partial, run, visit.outputs, workers)
-            if workers.writes:
-                writer.saved(), scales_writer.saved()
+                tensors = block_tensors(prefix, visit.stored_state(), quantized, run.config.format)
+                weights.add(run.source.stored_names(tensors))
+                scales.add({run.stored(prefix + name): linear.scales for name, linear in linears.items()})
+                progress.writers = {"model": weights.state(), "scales": scales.state()}
+            save_progress(run.partial, progress, visit.outputs, run.workers)
+            if weights is not None and scales is not None:
+                weights.saved(), scales.saved()
 
+
+def _walk_and_write(run: _StreamedRun, output: _Output, progress: bool) -> None:
+    """The block walk from the first block not yet written, each block written as it finishes."""
     try:
         quantize_blocks(
-            layout, inputs, config, write_block, architecture=architecture, device=compute_device,
-            block_state=source.block_state, start=run.next_block, timings=timings, progress=progress, workers=workers,
+            run.source.layout, output.inputs, run.config, _BlockWriter(run, output), architecture=run.architecture,
+            device=run.device, block_state=run.source.block_state, start=output.progress.next_block,
+            timings=run.timings, progress=progress, workers=run.workers,
         )  # fmt: skip
     except ValueError:
         # Bad input (a NaN weight, say) fails the same way again: nothing to resume, nothing kept.
-        if workers.writes:
-            shutil.rmtree(partial, ignore_errors=True)
+        if run.workers.writes:
+            shutil.rmtree(run.partial, ignore_errors=True)
         raise
-    result = QuantizeResult(
-        {name: LayerRecord(**rec) for name, rec in run.layers.items()}, {}, timings=timings, blocks=run.blocks
-    )
-    if not workers.writes:
-        return result
-    with timed(timings, "save"):
-        clear_progress(partial)
-        writer.finish()
-        scales_writer.finish()
-        record = run_record(model_name_or_path, run.stored_dtype or "", config, run.layers)
-        generation = _generation_config(folder)
-        ignored = [stored(name) for name in float_linears(source.model)]
-        write_model_files(partial, source.config, generation, tokenizer, record, None, config.format, ignored)
+
+
+def _publish(run: _StreamedRun, output: _Output, result: QuantizeResult) -> None:
+    """Finish the partial folder (shards named, config, tokenizer, records) and rename it into place."""
+    assert output.weights is not None and output.scales is not None  # worker 0 publishes
+    with timed(run.timings, "save"):
+        clear_progress(run.partial)
+        output.weights.finish()
+        output.scales.finish()
+        record = run_record(
+            run.model_name_or_path, output.progress.stored_dtype or "", run.config, output.progress.layers
+        )
+        generation = _generation_config(run.folder)
+        ignored = [run.stored(name) for name in float_linears(run.source.model)]
+        config = run.source.config
+        write_model_files(run.partial, config, generation, run.tokenizer, record, None, run.config.format, ignored)
     result.peak_rss_gib = peak_rss_gib()
-    _write_measurements(partial, result, compute_device)
-    publish(partial, out, overwrite)
-    unmark(out)
+    _write_measurements(run.partial, result, run.device)
+    publish(run.partial, run.out, run.overwrite)
+    unmark(run.out)
     log.info(
         "done: %s; peak RSS %.2f GiB",
-        ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()),
+        ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in run.timings.items()),
         result.peak_rss_gib,
     )
-    return result
 
 
 # transformers reads AutoAWQ GEMM tensors into nn.Linear only, not into its fused experts
@@ -365,8 +458,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _generation_config(folder: Path) -> Any:
-    from transformers import GenerationConfig
-
     return GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
 
 

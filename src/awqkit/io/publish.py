@@ -16,11 +16,11 @@ log = logging.getLogger("awqkit")
 MODEL_FOLDER_MARKERS = ("config.json", "awqkit.json")
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> Path:
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse, before any work, an output path that cannot or must not be written.
 
     ``--overwrite`` replaces only an existing model folder (one with config.json or awqkit.json),
-    never a file, the current directory or one of its parents, nor an input model's folder.
+    never a file, the current directory or one of its parents (nor an input: ``check_not_input``).
     """
     out = Path(out_dir).expanduser()
     resolved = out.resolve()
@@ -32,10 +32,6 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: tuple[str | P
         cwd = Path.cwd().resolve()
         if resolved == cwd or resolved in cwd.parents:
             raise FileExistsError(f"--overwrite would delete {out_dir}, the current folder or one of its parents")
-        for source in inputs:
-            source = Path(source).expanduser().resolve()
-            if resolved == source or resolved in source.parents:
-                raise FileExistsError(f"--overwrite would delete the input model {source}")
         if not any((out / marker).is_file() for marker in MODEL_FOLDER_MARKERS):
             raise FileExistsError(
                 f"{out_dir} is not a model folder (no config.json or awqkit.json); --overwrite replaces only model folders"
@@ -46,6 +42,13 @@ def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: tuple[str | P
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write {out_dir}: no write permission in {parent}")
     return out
+
+
+def check_not_input(out: Path, source: Path) -> None:
+    """Refuse an output that is, or holds, the input model's folder (``--overwrite`` would delete it)."""
+    resolved, source = out.resolve(), source.expanduser().resolve()
+    if out.exists() and (resolved == source or resolved in source.parents):
+        raise FileExistsError(f"--overwrite would delete the input model {source}")
 
 
 def make_public(folder: Path) -> None:
