@@ -1,6 +1,9 @@
 """Every bad input to eval, diff and info ends as one stderr line and exit 2, writing nothing."""
 
+import argparse
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 import awqkit.eval.evaluate
-from awqkit.cli import main
+from awqkit.cli import _config_from_args, build_parser, main
+from awqkit.config import CHOICES, QuantizeConfig
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,39 @@ def test_a_package_the_format_needs_is_named_in_one_line(inputs, tmp_path, monke
     monkeypatch.setattr(awqkit.eval.evaluate, "load_checked_model", load)
     rc = main(["--quiet", *(a.format(root=inputs, out=tmp_path) for a in ["eval", "{root}/good", *EVAL])])
     assert rc == 2 and capsys.readouterr().err == f"awqkit: error: {message}\n"
+
+
+def _readme_options(heading: str) -> set[str]:
+    """The options in the first table after the README line that starts with ``heading``."""
+    lines = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    return {m.group(1) for row in rows[2:] if (m := re.match(r"\| `(--[a-z-]+)`", row))}
+
+
+def _parser_options(command: str) -> set[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return {flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")} - {"--help"}
+
+
+@pytest.mark.parametrize("command, heading", [("quantize", "`awqkit quantize MODEL"), ("eval", "`awqkit eval MODEL")])
+def test_the_readme_lists_every_option_and_no_other(command, heading):
+    assert _readme_options(heading) == _parser_options(command)
+
+
+def test_every_config_field_is_an_option_with_help_and_its_choices():
+    parser_options = _parser_options("quantize")
+    for field in dataclasses.fields(QuantizeConfig):
+        assert f"--{field.name.replace('_', '-')}" in parser_options and field.metadata["help"]
+    args = build_parser().parse_args(["quantize", "m", "--out", "o"])
+    assert _config_from_args(QuantizeConfig, args) == QuantizeConfig()
+    for name, choices in CHOICES.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["quantize", "m", "--out", "o", f"--{name.replace('_', '-')}", "no-such"])
+        assert build_parser().parse_args(["quantize", "m", "--out", "o", f"--{name.replace('_', '-')}", choices[-1]])

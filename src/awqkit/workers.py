@@ -6,7 +6,7 @@ between CPUs; several nodes with torchrun's rendezvous flags). Calibration batch
 worker b mod N, which alone runs it through the blocks and keeps its hidden states. The per-batch
 statistics are gathered (``everyones_tensors``) and summed in batch order, so every worker holds
 exactly the sums one worker would have. The search and the rounding split each weight by output
-rows (awqkit.shares): every worker quantizes its block of rows for every candidate and sums its
+rows (awqkit.quant.rows): every worker quantizes its block of rows for every candidate and sums its
 part of each candidate's error (its row chunks of a linear's output; its calibration windows of
 a module's, on the candidate gathered whole); the part sums are gathered once per search, so every
 worker measures the same errors and chooses the same scales; worker 0 writes the checkpoint.
@@ -85,7 +85,7 @@ class Workers:
         return box[0]
 
     def part(self, n_rows: int, unit: int = ROW_CHUNK) -> slice:
-        """This worker's block of a weight's output rows (awqkit.shares.RowShare)."""
+        """This worker's block of a weight's output rows (awqkit.quant.rows.RowShare)."""
         return row_blocks(n_rows, self.world, unit)[self.rank]
 
     def gather(self, part: torch.Tensor, n_rows: int, unit: int = ROW_CHUNK) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Windows come from the first model's tokenizer; a model whose tokenizer disagrees is refused,
 since comparing NLLs over different tokens means nothing. One model is in memory at a time.
-Per-window NLLs go to a cache (awqkit.nll_cache) after every batch, so a crashed run resumes
+Per-window NLLs go to a cache (awqkit.eval.cache) after every batch, so a crashed run resumes
 where it stopped and a model already scored on these windows is not loaded again. The table and
-the plot are awqkit.eval_table's.
+the plot are awqkit.eval.report's.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ log = logging.getLogger("awqkit")
 def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
     """Stored key -> the model's name for it, by transformers' renamings for the model type
     (Mixtral's ``block_sparse_moe`` is its ``mlp``). Fusing conversions are not applied: awqkit
-    holds experts as linears (awqkit.experts), named per expert as checkpoints store them."""
+    holds experts as linears (awqkit.model.experts), named per expert as checkpoints store them."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
