@@ -1,6 +1,6 @@
 """Check make_random_llama.py on tiny models (a few seconds): run it before trusting a big one.
 
-    python benchmarks/check_random_llama.py
+    python -m benchmarks.check_random_llama
 
 For untied and tied embeddings: the folder loads with ``from_pretrained`` with no missing,
 unexpected or mismatched keys and gives finite logits; a sharded write holds the same tensors as
@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from make_random_llama import llama_config, parse_args, write_random_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from awqkit.model.shipped import shipped_model
+from benchmarks.make_random_llama import llama_config, parse_args, write_random_llama
 
 TINY = ["--layers", "3", "--hidden", "256", "--intermediate", "704", "--heads", "4", "--kv-heads", "2", "--seed", "7"]
 

@@ -6,7 +6,7 @@
 Both tools read the same calibration token windows (one .npy file per model), use the same bits,
 group size, grid size and seed, and every output is scored by ``awqkit eval`` on the same
 held-out windows, llm-compressor's first so each CI is a paired difference against it. Each
-quantize run is its own process, started through measure.py's launcher: wall, CPU (user +
+quantize run is its own process, started through harness.py's launcher: wall, CPU (user +
 system) and peak RSS from ``os.wait4``, the peak that process's own and not this one's. awqkit's
 stage seconds come from the record it writes into its output (awqkit-run.json), llm-compressor's
 from ``llmcompressor_awq.py --timings``. Runs are interleaved and repeated, and the medians are
@@ -34,16 +34,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from make_random_llama import llama_config, write_random_llama
-from make_random_llama import parse_args as random_llama_args
-from measure import (
+
+from awqkit.config import QuantizeConfig
+from awqkit.markdown import markdown_table
+from awqkit.model.shipped import SHIPPED, shipped_model
+from awqkit.pipeline import MEASUREMENTS
+from awqkit.runtime import cpu_name
+from benchmarks.harness import (
     CONTENDED,
     Run,
     check_launcher,
     child_env,
     fit_line,
     matmul_gflops,
-    md_table,
     measured_before,
     median_run,
     paired_ci,
@@ -51,11 +54,8 @@ from measure import (
     rotated,
     run_measured,
 )
-
-from awqkit.config import QuantizeConfig
-from awqkit.model.shipped import SHIPPED, shipped_model
-from awqkit.pipeline import MEASUREMENTS
-from awqkit.runtime import cpu_name
+from benchmarks.make_random_llama import llama_config, write_random_llama
+from benchmarks.make_random_llama import parse_args as random_llama_args
 
 HERE = Path(__file__).resolve().parent
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
@@ -566,7 +566,7 @@ def comparison_table(pairs: list[dict]) -> str:
                          f"{q['fortunes']['ppl']:.2f}", paired_ci(q["fortunes"]), f"{q['foldoc']['ppl']:.2f}", paired_ci(q["foldoc"])])  # fmt: skip
     header = ["model", "group", "method", "wall s", "CPU s", "peak RSS GiB", "wall / llmc", "CPU / llmc", "RSS / llmc",
               "fortunes ppl", "dNLL vs llmc [95% CI]", "foldoc ppl", "dNLL vs llmc [95% CI]"]  # fmt: skip
-    return md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
@@ -589,7 +589,7 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
     header = ["model", "group", "method", "calib data s", "calibration s (reads the blocks)", "search s", "rounding s", "save s",
               f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
               f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor", "peak RSS GiB: wait4 / awqkit's VmHWM"]  # fmt: skip
-    return md_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _peaks(timing: dict) -> str:
@@ -601,7 +601,7 @@ def _peaks(timing: dict) -> str:
 def llmc_stages_table(pairs: list[dict]) -> str:
     rows = [[p["model"], str(p["group_size"]), *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
             for p in pairs if LLMC in p["methods"]]  # fmt: skip
-    return md_table(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
+    return markdown_table(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
 
 
 def scaling_table(rows: list[dict], compute_dtype: str) -> str:
@@ -614,7 +614,7 @@ def scaling_table(rows: list[dict], compute_dtype: str) -> str:
                      f"{r['floor_s'][key]:.1f}", _peaks(r["run"]), f"{r['model_gib']:.2f}", f"{r['block_fp32_gib']:.2f}"])  # fmt: skip
     header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
               f"{key} floor s", "peak RSS GiB: wait4 / awqkit's VmHWM", "model bf16 GiB", "one block fp32 GiB"]  # fmt: skip
-    return md_table(header, body)
+    return markdown_table(header, body)
 
 
 def settings_lines(s: Settings) -> list[str]:

@@ -5,7 +5,7 @@
 #   benchmarks/compare_llmcompressor.sh --smoke   # toy sizes, same code path
 #   benchmarks/compare_llmcompressor.sh --repeats 1 ...   # fewer timed repeats (default 3); see --help for the rest
 #
-# Every quantize runs as its own process through benchmarks/measure.py's launcher (wall, CPU and
+# Every quantize runs as its own process through benchmarks/harness.py's launcher (wall, CPU and
 # peak RSS from os.wait4, the child's own); awqkit's stage seconds come from its awqkit-run.json.
 # Tables go to stdout; the full report to benchmarks/out/compare-llmcompressor/report.json (and to
 # --json, when given).
@@ -43,4 +43,4 @@ if ! "$LLMC_VENV/bin/python" -c "import llmcompressor" 2>/dev/null; then
 fi
 
 .venv/bin/python -m awqkit.model.shipped smollm2 gemma3 >/dev/null   # bf16 folders, converted once
-exec .venv/bin/python benchmarks/compare_llmcompressor.py --llmc-python "$LLMC_VENV/bin/python" "$@"
+exec .venv/bin/python -m benchmarks.compare_llmcompressor --llmc-python "$LLMC_VENV/bin/python" "$@"

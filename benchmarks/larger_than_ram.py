@@ -1,7 +1,7 @@
 """Quantize a random Llama whose bf16 safetensors are larger than this machine's RAM, end to end.
 
-    python benchmarks/larger_than_ram.py --model benchmarks/out/random-llama-13b
-    python benchmarks/larger_than_ram.py --model ... --generate-only   # write the model, stop
+    python -m benchmarks.larger_than_ram --model benchmarks/out/random-llama-13b
+    python -m benchmarks.larger_than_ram --model ... --generate-only   # write the model, stop
 
 The model has Llama-2-13B's width (hidden 5120, intermediate 13824, 40 heads, no GQA) with
 SmolLM2's 49152-token vocabulary and tokenizer, at 43 layers rather than 40: 14.1 B parameters,
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from streaming_memory import run_measured
 
 from awqkit.formats.awq_gemm import awq_gemm_weight
 from awqkit.model.shipped import shipped_model
+from benchmarks.streaming_memory import run_measured
 
 SHAPE = [
     "--layers",

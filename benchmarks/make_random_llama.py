@@ -1,6 +1,6 @@
 """Write a randomly initialised Llama checkpoint folder, shard by shard, never holding it whole.
 
-    python benchmarks/make_random_llama.py OUT --layers 40 --hidden 5120 --intermediate 13824 \
+    python -m benchmarks.make_random_llama OUT --layers 40 --hidden 5120 --intermediate 13824 \
         --heads 40 --kv-heads 40 --tokenizer "$(python -m awqkit.model.shipped smollm2)"
 
 The folder looks like ``save_pretrained``'s: config.json, generation_config.json, and either one

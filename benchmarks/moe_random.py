@@ -6,7 +6,7 @@ output error of AWQ against round-to-nearest.
 
 The model is a Qwen3-MoE (transformers' fused experts) with SmolLM2's tokenizer, written once by
 ``save_pretrained`` (per-expert tensor names, as on the Hub). Each run is its own process through
-measure.py's launcher. Per-linear scales give every expert's gate, up and down projection its own
+harness.py's launcher. Per-linear scales give every expert's gate, up and down projection its own
 search, and awqkit.json records each one's output error on the search tokens: the same tokens
 for RTN (``--n-grid 0``: s = 1, nearest) and AWQ, so their ratio is the error AWQ removes. Every
 token goes through every expert during calibration (the default), so every expert is measured.
@@ -23,10 +23,11 @@ import sys
 from pathlib import Path
 
 import torch
-from measure import child_env, md_table, run_measured
 
+from awqkit.markdown import markdown_table
 from awqkit.pipeline import MEASUREMENTS
 from awqkit.runtime import cpu_name
+from benchmarks.harness import child_env, run_measured
 
 HERE = Path(__file__).resolve().parent
 SIZES = {  # Qwen3-MoE: hidden, layers, experts, experts per token, expert intermediate
@@ -119,10 +120,13 @@ def main() -> int:
         [name, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['peak_rss_gib']:.2f}"]
         for name, r in report["runs"].items()
     ]
-    print("\n" + md_table(["run", "wall s", "CPU s", "peak RSS GiB"], runs))
+    print("\n" + markdown_table(["run", "wall s", "CPU s", "peak RSS GiB"], runs))
     rows = [[proj, str(s["n"]), f"{s['median']:.3f}", f"{s['min']:.3f}", f"{s['max']:.3f}", str(s["worse"])]
             for proj, s in report["awq_over_rtn_error"].items()]  # fmt: skip
-    print("\n" + md_table(["expert projection", "experts", "AWQ / RTN error, median", "min", "max", "AWQ worse"], rows))
+    print(
+        "\n"
+        + markdown_table(["expert projection", "experts", "AWQ / RTN error, median", "min", "max", "AWQ worse"], rows)
+    )
     for path in filter(None, [args.out / "report.json", args.json]):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,7 +1,7 @@
 """Per-linear vs shared (folded) AWQ scales, both objectives, nearest and greedy, next to RTN;
 and what the packed exports cost on disk and change in the logits.
 
-    python benchmarks/shared_scales.py --out benchmarks/out/shared-scales
+    python -m benchmarks.shared_scales --out benchmarks/out/shared-scales
 
 Every method quantizes the same calibration windows; every checkpoint is scored on the same
 held-out windows (awqkit eval, paired CIs against RTN). Packed formats are written from the same

@@ -1,7 +1,7 @@
 """Peak RSS and wall time of ``awqkit quantize`` on random Llamas of one width at growing depth.
 
-    python benchmarks/streaming_memory.py                          # 4, 16, 64 layers, fake format
-    python benchmarks/streaming_memory.py --format awq --scales shared
+    python -m benchmarks.streaming_memory                          # 4, 16, 64 layers, fake format
+    python -m benchmarks.streaming_memory --format awq --scales shared
 
 Options this script does not know are passed to ``awqkit quantize`` after its own small
 calibration settings (so they can also override them). The models come from
@@ -25,10 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from make_random_llama import llama_config, write_random_llama
-from make_random_llama import parse_args as model_args
-
 from awqkit.model.shipped import shipped_model
+from benchmarks.make_random_llama import llama_config, write_random_llama
+from benchmarks.make_random_llama import parse_args as model_args
 
 QUANTIZE = [
     "--n-calib", "8", "--seq-len", "128", "--n-grid", "4", "--max-search-tokens", "256",

@@ -5,7 +5,7 @@
 
 Each configuration runs once with one worker and once with ``torchrun --standalone
 --nproc-per-node N``, every worker on ``--threads`` threads (OMP_NUM_THREADS), each run its own
-process through measure.py's launcher (wall, CPU, peak RSS of the whole process tree's largest
+process through harness.py's launcher (wall, CPU, peak RSS of the whole process tree's largest
 process). awqkit's stage seconds come from worker 0's record (awqkit-run.json). The outputs are
 compared file by file: the speed-up counts only if the bytes are the one-worker bytes.
 """
@@ -20,10 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-from measure import child_env, md_table, run_measured
-
+from awqkit.markdown import markdown_table
 from awqkit.pipeline import MEASUREMENTS
 from awqkit.runtime import cpu_name
+from benchmarks.harness import child_env, run_measured
 
 HERE = Path(__file__).resolve().parent
 
@@ -99,7 +99,7 @@ def main() -> int:
                          f"{speedup:.2f}x" if w > 1 else "1", "yes" if same else "NO"])  # fmt: skip
     header = ["config", "workers x threads", "wall s", "CPU s", "calibration s", "search s", "rounding s", "save s",
               "peak RSS GiB (one process)", "speed-up", "same bytes"]  # fmt: skip
-    print("\n" + md_table(header, rows))
+    print("\n" + markdown_table(header, rows))
     for path in filter(None, [args.out / "report.json", args.json]):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")

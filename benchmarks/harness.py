@@ -1,6 +1,6 @@
 """Measuring commands for the benchmarks: one process's wall, CPU and peak RSS; medians; tables.
 
-    python benchmarks/measure.py        # checks the launcher: a child's peak RSS is its own
+    python -m benchmarks.harness        # checks the launcher: a child's peak RSS is its own
 
 Peak RSS is ``ru_maxrss`` from ``os.wait4``, taken by a tiny launcher process (stdlib only, ~10
 MB) that starts the command and waits for it. Started straight from a benchmark (a Python process
@@ -205,11 +205,6 @@ def matmul_gflops(dtype: Any, tokens: int = 1024, width: int = 1024, min_seconds
 
 # ---------------------------------------------------------------------------------------------
 # Tables
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 def ratio(value: float, reference: float | None) -> str:
