@@ -13,9 +13,9 @@ from ``llmcompressor_awq.py --timings``. Runs are interleaved and repeated, and 
 reported. llm-compressor runs in its own virtual environment (it pins an older transformers)
 through ``llmcompressor_awq.py``.
 
-Also measured: awqkit's stages against a FLOP floor from this machine's bf16 and fp32 matmul
-rates, and how awqkit's time and peak RSS grow with calibration tokens and with parameters
-(a randomly initialised Llama of ~1.5B parameters). The comparison table is printed last.
+Also printed: awqkit's stages against a FLOP floor from this machine's bf16 and fp32 matmul rates
+(how its time grows with the work: ``python -m benchmarks.awqkit_scaling``). The comparison table
+is printed last.
 """
 
 from __future__ import annotations
@@ -37,28 +37,35 @@ import torch
 
 from awqkit.config import QuantizeConfig
 from awqkit.markdown import markdown_table
-from awqkit.model.shipped import SHIPPED, shipped_model
-from awqkit.pipeline import MEASUREMENTS
 from awqkit.runtime import cpu_name
 from benchmarks.harness import (
-    CONTENDED,
+    RATE_KEYS,
+    ROOT,
     Run,
+    Work,
+    awqkit_command,
     check_launcher,
     child_env,
-    fit_line,
+    contention_notes,
+    decoder_linears,
     matmul_gflops,
     measured_before,
     median_run,
+    model_folder,
+    model_label,
     paired_ci,
+    peaks,
     ratio,
+    read_awqkit_record,
     rotated,
+    rounding_s,
     run_measured,
+    source_state,
+    work_summary,
+    write_report,
 )
-from benchmarks.make_random_llama import llama_config, write_random_llama
-from benchmarks.make_random_llama import parse_args as random_llama_args
 
-HERE = Path(__file__).resolve().parent
-LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
+LLMC_PYTHON = ROOT / "benchmarks" / ".venv-llmc" / "bin" / "python"
 LLMC = "llmc"  # the method name of llm-compressor's AWQ in every table
 
 # awqkit methods: name -> `awqkit quantize` options, given after the common ones (the last wins).
@@ -111,19 +118,7 @@ class Settings:
     compute_dtype: str = "auto"
     eval_windows: int = 8
     eval_seq_len: int = 512
-    # scaling: awqkit nearest at growing calibration sizes on SmolLM2 (one run each)
-    scaling: bool = True
-    scaling_n_calib: tuple[int, ...] = (32, 128, 512)
-    scaling_seq_len: int = 32
-    scaling_n_grid: int = 5
-    scaling_max_search_tokens: int = 512
-    # the random Llama: hidden, intermediate, layers; 2048, 8192, 23 is 1.50B parameters with SmolLM2's vocabulary
-    big_shape: tuple[int, int, int] = (2048, 8192, 23)
-    big_n_calib: int = 4
-    big_seq_len: int = 128
-    big_n_grid: int = 2
-    big_max_search_tokens: int = 256
-    out: Path = HERE / "out" / "compare-llmcompressor"
+    out: Path = ROOT / "benchmarks" / "out" / "compare-llmcompressor"
     # keep outputs an earlier run made with the same command (and its measurements); else rerun
     reuse: bool = False
 
@@ -135,16 +130,7 @@ SMOKE = {
     "repeats": 1,
     "eval_windows": 2,
     "eval_seq_len": 128,
-    "scaling_n_calib": (4, 8),
-    "scaling_seq_len": 32,
-    "scaling_n_grid": 2,
-    "scaling_max_search_tokens": 64,
-    "big_shape": (256, 1024, 2),
-    "big_n_calib": 2,
-    "big_seq_len": 32,
-    "big_n_grid": 2,
-    "big_max_search_tokens": 32,
-    "out": HERE / "out" / "compare-llmcompressor-smoke",
+    "out": ROOT / "benchmarks" / "out" / "compare-llmcompressor-smoke",
 }
 
 
@@ -184,26 +170,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     )
     p.add_argument("--eval-windows", type=int, help=f"held-out windows per corpus (default {d.eval_windows})")
     p.add_argument("--eval-seq-len", type=int, help=f"tokens per held-out window (default {d.eval_seq_len})")
-    p.add_argument("--skip-scaling", action="store_true", help="no n-calib scaling runs and no random 1.5B model")
-    p.add_argument("--skip-compare", action="store_true", help="only the FLOP rates and the scaling runs")
     p.add_argument(
         "--reuse", action="store_true", default=None,
         help="keep each output an earlier run made with the same command, with its measurements (adds methods cheaply)",
     )  # fmt: skip
-    p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(HERE.parent)})")
+    p.add_argument("--out", type=Path, help=f"outputs, logs and report.json (default {d.out.relative_to(ROOT)})")
     p.add_argument(
         "--json", type=Path, help="also write the report here (the full run's: docs/compare-llmcompressor.json)"
-    )
-    p.add_argument(
-        "--compare-from",
-        type=Path,
-        help="take the comparison from this earlier report.json of the same settings and run the rest (scaling) anew",
     )
     p.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="python of the llm-compressor environment")
     args = p.parse_args(argv)
     sizes = {**(SMOKE if args.smoke else {}), **{k: v for k, v in vars(args).items() if v is not None}}
     fields = {k: v for k, v in sizes.items() if k in Settings.__dataclass_fields__}
-    settings = Settings(**{**fields, "scaling": not args.skip_scaling})
+    settings = Settings(**fields)
     unknown = set(settings.methods) - {*LLMC_METHODS, *AWQKIT_METHODS}
     if unknown:
         p.error(f"unknown methods: {', '.join(sorted(unknown))}")
@@ -212,14 +191,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
 
 # ---------------------------------------------------------------------------------------------
 # Inputs: models, calibration windows, what the FLOP floor needs
-
-
-def model_folder(name: str) -> Path:
-    return shipped_model(name) if name in SHIPPED else Path(name)
-
-
-def model_label(name: str) -> str:
-    return name if name in SHIPPED else Path(name).name
 
 
 def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int, path: Path) -> Path:
@@ -233,77 +204,8 @@ def write_calibration_tokens(folder: Path, n_calib: int, seq_len: int, seed: int
     return path
 
 
-def meta_model(folder: Path) -> torch.nn.Module:
-    """The model without weights: shapes for FLOP counts and divisibility checks, at no cost."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-
-
-def decoder_linears(folder: Path) -> list[tuple[int, int]]:
-    """(in, out) of every linear awqkit quantizes."""
-    from awqkit.model.layout import block_linears, find_decoder
-
-    blocks = find_decoder(meta_model(folder)).blocks
-    return [(m.in_features, m.out_features) for block in blocks for m in block_linears(block).values()]
-
-
-def largest_block_params(folder: Path) -> int:
-    from awqkit.model.layout import find_decoder
-
-    return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
-
-
-@dataclass(frozen=True)
-class Work:
-    """The matmul FLOPs of an awqkit run: a calibration forward and an alpha search."""
-
-    linear_params: int
-    tokens: int
-    search_tokens: int
-    n_grid: int
-
-    @property
-    def calibration_flop(self) -> float:
-        return 2.0 * self.linear_params * self.tokens
-
-    @property
-    def search_flop(self) -> float:
-        # one X (W - W_hat)^T product per alpha on the search tokens
-        return (self.n_grid + 1) * 2.0 * self.search_tokens * self.linear_params
-
-    def floor_s(self, gflops: float) -> float:
-        return (self.calibration_flop + self.search_flop) / (gflops * 1e9)
-
-
 # ---------------------------------------------------------------------------------------------
 # Quantize commands
-
-
-# awqkit --compute-dtype -> its key in the measured matmul rates
-RATE_KEYS = {"float32": "fp32", "bfloat16": "bf16"}
-
-
-def read_awqkit_record(run: Run, out: Path) -> Run:
-    """awqkit's own record of the run (awqkit-run.json in its output): its stage seconds
-    (calibration data, calibration, which reads the blocks, search, the rounding, save) and its
-    peak RSS (VmHWM), kept next to the launcher's as a cross-check."""
-    record = json.loads((out / MEASUREMENTS).read_text())
-    run.stages = dict(record["stages_s"])
-    run.self_peak_rss_gib = record["peak_rss_gib"]
-    return run
-
-
-def rounding_s(stages: dict[str, float]) -> float:
-    """The rounding stage, which awqkit times apart from the search and names after the rounding."""
-    return stages.get("greedy", stages.get("nearest", 0.0))
-
-
-def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:
-    # --quiet: the stage timings are read from the run's awqkit-run.json, not from its log
-    return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", "--quiet",
-            *quant, *options]  # fmt: skip
 
 
 def method_command(
@@ -313,7 +215,7 @@ def method_command(
         # llm-compressor's n_grid counts the scalings tried, awqkit's the intervals of [0, 1]:
         # n_grid + 1 gives both the same number of candidates (identity included)
         return [
-            str(llmc_python), str(HERE / "llmcompressor_awq.py"), str(folder), "--tokens", str(tokens),
+            str(llmc_python), str(ROOT / "benchmarks" / "llmcompressor_awq.py"), str(folder), "--tokens", str(tokens),
             "--out", str(out), "--bits", str(s.bits), "--group-size", str(group), "--n-grid", str(s.n_grid + 1),
             "--seed", str(s.seed), "--batch-size", str(s.llmc_batch_size), "--dtype", s.llmc_dtype, "--timings", str(out.with_suffix(".timings.json")),
             "--duo-scaling", LLMC_METHODS[method],
@@ -438,15 +340,6 @@ def method_work(method: str, linear_params: int, s: Settings) -> Work:
     return Work(linear_params, tokens, min(tokens, QuantizeConfig().max_search_tokens), n_grid)
 
 
-def work_summary(work: Work, rates: dict[str, float]) -> dict[str, Any]:
-    return {
-        **asdict(work),
-        "calibration_flop": work.calibration_flop,
-        "search_flop": work.search_flop,
-        "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()},
-    }
-
-
 def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> list[dict]:
     methods = list(s.methods)
     pairs = []
@@ -461,88 +354,6 @@ def compare(s: Settings, llmc_python: Path, rates: dict, notes: list[str]) -> li
             print(f"comparing {model_label(name)} at group {group}: {', '.join(methods)}", flush=True)
             pairs.append(compare_pair(name, folder, group, methods, s, llmc_python, rates))
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------
-# Scaling: awqkit time and peak RSS as the work grows
-
-
-def random_llama(shape: tuple[int, int, int], tokenizer_from: Path, out: Path, seed: int) -> Path:
-    """A randomly initialised Llama in bf16 with SmolLM2's tokenizer (make_random_llama.py, shard by
-    shard), tied embeddings, 128-wide heads, a KV head per 4; written once and reused."""
-    if (out / "config.json").exists():
-        return out
-    hidden, intermediate, layers = shape
-    args = random_llama_args([
-        str(out), "--hidden", str(hidden), "--intermediate", str(intermediate), "--layers", str(layers),
-        "--heads", str(hidden // 128 or 1), "--kv-heads", str(max(hidden // 512, 1)), "--tie-word-embeddings",
-        "--tokenizer", str(tokenizer_from), "--seed", str(seed),
-    ])  # fmt: skip
-    write_random_llama(llama_config(args), out, args.seed, args.max_shard_size, args.tokenizer)
-    return out
-
-
-def scaling_run(
-    label: str, folder: Path, n_calib: int, seq_len: int, n_grid: int, search: int, s: Settings, rates: dict
-) -> dict:
-    where = s.out / "scaling"
-    quant = ["--n-grid", str(n_grid), "--max-search-tokens", str(search), "--seed", str(s.seed),
-             "--calib-data", "python-doc", "--n-calib", str(n_calib), "--seq-len", str(seq_len), "--group-size", "64",
-             "--compute-dtype", s.compute_dtype]  # fmt: skip
-    out = where / label
-    run = run_measured(
-        label, awqkit_command(folder, out, ["--rounding", "nearest"], quant), where / f"{label}.log", env=child_env()
-    )
-    read_awqkit_record(run, out)
-    shutil.rmtree(out, ignore_errors=True)  # only the timings matter; a 1.5B output is 3 GB
-    linears = decoder_linears(folder)
-    work = Work(sum(i * o for i, o in linears), n_calib * seq_len, min(n_calib * seq_len, search), n_grid)
-    params = sum(p.numel() for p in meta_model(folder).parameters())
-    print(f"  {label}: {run.wall_s:.1f} s wall, {run.cpu_s:.1f} s CPU, {run.peak_rss_gib:.2f} GiB", flush=True)
-    return {
-        "label": label, "params": params, **work_summary(work, rates), "run": asdict(run),
-        "model_gib": params * 2 / 2**30, "block_fp32_gib": largest_block_params(folder) * 4 / 2**30,
-    }  # fmt: skip
-
-
-def scaling(s: Settings, rates: dict) -> list[dict]:
-    smollm2 = model_folder("smollm2")
-    rows = []
-    for n in s.scaling_n_calib:
-        rows.append(
-            scaling_run(
-                f"smollm2-n{n}", smollm2, n, s.scaling_seq_len, s.scaling_n_grid, s.scaling_max_search_tokens, s, rates
-            )
-        )
-    big = random_llama(s.big_shape, smollm2, s.out / "random-llama-{}x{}x{}".format(*s.big_shape), s.seed)
-    rows.append(
-        scaling_run(
-            f"random-llama-{s.big_shape[2]}L",
-            big,
-            s.big_n_calib,
-            s.big_seq_len,
-            s.big_n_grid,
-            s.big_max_search_tokens,
-            s,
-            rates,
-        )
-    )
-    return rows
-
-
-def growth(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Seconds per unit of work for calibration (linear params x tokens) and search (x search tokens x grid)."""
-    calibration = fit_line(
-        [r["linear_params"] * r["tokens"] for r in rows], [r["run"]["stages"].get("calibration", 0.0) for r in rows]
-    )
-    search = fit_line(
-        [r["linear_params"] * r["search_tokens"] * (r["n_grid"] + 1) for r in rows],
-        [r["run"]["stages"].get("search", 0.0) + rounding_s(r["run"]["stages"]) for r in rows],
-    )
-    return {
-        "calibration": {"fixed_s": calibration[0], "ns_per_param_token": calibration[1] * 1e9},
-        "search": {"fixed_s": search[0], "ns_per_param_token_alpha": search[1] * 1e9},
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,36 +396,17 @@ def stages_table(pairs: list[dict], rates: dict, compute_dtype: str) -> str:
                 st.get("save", 0.0),
             ]
             rows.append([pair["model"], str(pair["group_size"]), method, *(f"{c:.1f}" for c in cells), *(f"{timing['work']['floor_s'][k]:.1f}" for k in ("fp32", "bf16")),
-                         f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}", _peaks(timing)])  # fmt: skip
+                         f"{compute / floor:.1f}", f"{timing['wall_s'] / floor:.1f}", peaks(timing)])  # fmt: skip
     header = ["model", "group", "method", "calib data s", "calibration s (reads the blocks)", "search s", "rounding s", "save s",
               f"floor fp32 s ({rates['fp32']:.0f} GFLOP/s)", f"floor bf16 s ({rates['bf16']:.0f} GFLOP/s)",
               f"(calibration + search + rounding) / {key} floor", f"wall / {key} floor", "peak RSS GiB: wait4 / awqkit's VmHWM"]  # fmt: skip
     return markdown_table(header, rows)
 
 
-def _peaks(timing: dict) -> str:
-    """The launcher's peak (os.wait4) next to awqkit's own record of it (VmHWM): they should agree."""
-    own = timing.get("self_peak_rss_gib")
-    return f"{timing['peak_rss_gib']:.2f} / {own:.2f}" if own is not None else f"{timing['peak_rss_gib']:.2f}"
-
-
 def llmc_stages_table(pairs: list[dict]) -> str:
     rows = [[p["model"], str(p["group_size"]), *(f"{p['methods'][LLMC]['stages'].get(k, 0.0):.1f}" for k in ("load", "oneshot", "save"))]
             for p in pairs if LLMC in p["methods"]]  # fmt: skip
     return markdown_table(["model", "group", "load s", "oneshot (AWQ + quantize) s", "save (compress) s"], rows)
-
-
-def scaling_table(rows: list[dict], compute_dtype: str) -> str:
-    key = RATE_KEYS[compute_dtype]
-    body = []
-    for r in rows:
-        st = r["run"]["stages"]
-        body.append([r["label"], f"{r['params'] / 1e6:.0f} M", f"{r['tokens']}", f"{r['search_tokens']} x {r['n_grid'] + 1}",
-                     f"{r['run']['wall_s']:.1f}", f"{st.get('calibration', 0.0):.1f}", f"{st.get('search', 0.0) + rounding_s(st):.1f}",
-                     f"{r['floor_s'][key]:.1f}", _peaks(r["run"]), f"{r['model_gib']:.2f}", f"{r['block_fp32_gib']:.2f}"])  # fmt: skip
-    header = ["run", "params", "calib tokens", "search tokens x alphas", "wall s", "calibration s", "search s",
-              f"{key} floor s", "peak RSS GiB: wait4 / awqkit's VmHWM", "model bf16 GiB", "one block fp32 GiB"]  # fmt: skip
-    return markdown_table(header, body)
 
 
 def settings_lines(s: Settings) -> list[str]:
@@ -626,67 +418,11 @@ def settings_lines(s: Settings) -> list[str]:
         f"awqkit: --compute-dtype {s.compute_dtype} (calibration forward and search products; quantization arithmetic float32)",
         f"evaluation: awqkit eval, dtype {eval_dtype(s)} (auto: as saved, bf16), first {s.eval_windows} windows x {s.eval_seq_len} tokens of fortunes and foldoc; CIs are paired vs llm-compressor",
         f"llm-compressor: AWQModifier(n_grid={s.n_grid + 1}: identity + {s.n_grid} duo-scaling ratios, as many candidates as awqkit's {s.n_grid + 1}) + QuantizationModifier(W4A16 asym, min-max), batch {s.llmc_batch_size}, load dtype {s.llmc_dtype}; its min-max observer keeps 0 inside every group's range, awqkit's does not",
-        (f"scaling: awqkit nearest, group 64, n-grid {s.scaling_n_grid}, max-search-tokens {s.scaling_max_search_tokens}, n-calib {','.join(map(str, s.scaling_n_calib))} x {s.scaling_seq_len}; "
-         f"random Llama {s.big_shape}: n-calib {s.big_n_calib} x {s.big_seq_len}, n-grid {s.big_n_grid}, max-search-tokens {s.big_max_search_tokens}; one run each"),
     ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # The report
-
-
-def write_report(report: dict, started: float, out: Path, copy: Path | None) -> None:
-    report["total_s"] = time.perf_counter() - started
-    text = json.dumps(report, indent=1) + "\n"
-    (out / "report.json").write_text(text)
-    if copy:
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        copy.write_text(text)
-
-
-def source_state() -> dict[str, Any]:
-    """The commit the benchmark ran on and the files of src/ that differed from it (awqkit runs from the tree)."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD"), "src_changes": git("status", "--porcelain", "--", "src").splitlines()}
-
-
-# what must match for an earlier comparison to stand in a report of these settings
-COMPARISON_SETTINGS = ("models", "group_sizes", "methods", "bits", "n_calib", "seq_len", "n_grid", "seed", "repeats",
-                       "llmc_batch_size", "llmc_dtype", "compute_dtype", "eval_windows", "eval_seq_len")  # fmt: skip
-
-
-def comparison_from(path: Path, s: Settings) -> dict:
-    """An earlier report whose comparison was run with these settings (its compute dtype if ours is auto)."""
-    earlier = json.loads(path.read_text())
-    ours = asdict(replace(s, compute_dtype=earlier["settings"]["compute_dtype"]) if s.compute_dtype == "auto" else s)
-    differ = [k for k in COMPARISON_SETTINGS if json.loads(json.dumps(ours[k])) != earlier["settings"][k]]
-    if differ:
-        raise SystemExit(f"{path} was run with other settings: {', '.join(differ)}")
-    return earlier
-
-
-def contention_notes(pairs: list[dict], scaled: list[dict]) -> list[str]:
-    """Runs during which other processes used the CPUs (their timings are not this tool's alone)."""
-    runs = [Run(**r) for p in pairs for m in p["methods"].values() for r in m["runs"]]
-    runs += [Run(**r["run"]) for r in scaled]
-    checked = [r for r in runs if r.others_cpu_s is not None]
-    if not checked:
-        return []
-    scope = f"{len(checked)} runs checked"
-    if len(checked) < len(runs):
-        scope += f"; {len(runs) - len(checked)} runs of an earlier report carry no such record"
-    busy = [r for r in checked if r.contended]
-    if not busy:
-        return [f"machine quiet: other processes used under {CONTENDED:.0%} of a core during each run ({scope})"]
-    worst = ", ".join(f"{r.name} ({r.others_cpu_s:.0f} CPU-s beside {r.wall_s:.0f} s)" for r in busy)
-    return [
-        f"NOT QUIET: other processes used the CPUs during {len(busy)} runs ({scope}), whose times are inflated: {worst}"
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,21 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "date": date, "cpu": cpu_name(), "cores": os.cpu_count(), "launcher_check": launcher, "source": source_state(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}, "matmul_gflops": rates,
-        "notes": notes, "pairs": [], "scaling": [], "growth": {},
+        "notes": notes, "pairs": [],
     }  # fmt: skip
-    pair_rates = rates
-    if args.compare_from:
-        earlier = comparison_from(args.compare_from, s)
-        report["pairs"], pair_rates = earlier["pairs"], earlier["matmul_gflops"]
-        report["compare_from"] = {"path": str(args.compare_from), "date": earlier["date"], "matmul_gflops": pair_rates}
-        notes += [*earlier["notes"], f"comparison from {args.compare_from} (run {earlier['date']}); scaling run {date}"]
-    elif not args.skip_compare:
-        report["pairs"] = compare(s, args.llmc_python, rates, notes)
-        write_report(report, started, s.out, args.json)  # kept if a later part fails
-    pairs = report["pairs"]
-    scaled = report["scaling"] = scaling(s, rates) if s.scaling else []
-    fitted = report["growth"] = growth(scaled) if scaled else {}
-    notes += contention_notes(pairs, scaled)
+    pairs = report["pairs"] = compare(s, args.llmc_python, rates, notes)
+    notes += contention_notes([Run(**r) for p in pairs for m in p["methods"].values() for r in m["runs"]])
     if report["source"]["src_changes"]:
         notes.append(
             f"awqkit ran from a tree whose src/ differed from {report['source']['commit'][:12]}: {report['source']['src_changes']}"
@@ -737,23 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(report, started, s.out, args.json)
 
     print("\n" + "\n".join(f"- {line}" for line in [*settings_lines(s), *notes]))
-    if scaled:
-        print("\nawqkit scaling (one run each)\n\n" + scaling_table(scaled, s.compute_dtype))
-        print(f"\ngrowth: calibration {fitted['calibration']['ns_per_param_token']:.3f} ns per linear-param x token "
-              f"(+{fitted['calibration']['fixed_s']:.1f} s), search {fitted['search']['ns_per_param_token_alpha']:.3f} ns "
-              f"per linear-param x search token x alpha (+{fitted['search']['fixed_s']:.1f} s)")  # fmt: skip
-    if pairs:
-        print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, pair_rates, s.compute_dtype))
-        if any(LLMC in p["methods"] for p in pairs):
-            print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
-        print(
-            f"\nwrote {s.out / 'report.json'}{f' and {args.json}' if args.json else ''}; total {report['total_s'] / 60:.1f} min"
-        )
-        print("\nquantize time, memory and held-out perplexity (medians)\n\n" + comparison_table(pairs))
-    else:
-        print(
-            f"\nwrote {s.out / 'report.json'}{f' and {args.json}' if args.json else ''}; total {report['total_s'] / 60:.1f} min"
-        )
+    print("\nawqkit stages (medians) against the FLOP floor\n\n" + stages_table(pairs, rates, s.compute_dtype))
+    if any(LLMC in p["methods"] for p in pairs):
+        print("\nllm-compressor stages (medians)\n\n" + llmc_stages_table(pairs))
+    print(
+        f"\nwrote {s.out / 'report.json'}{f' and {args.json}' if args.json else ''}; total {report['total_s'] / 60:.1f} min"
+    )
+    print("\nquantize time, memory and held-out perplexity (medians)\n\n" + comparison_table(pairs))
     return 0
 
 

@@ -24,6 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from awqkit.model.layout import block_linears, find_decoder
+from awqkit.model.shipped import SHIPPED, shipped_model
+from awqkit.pipeline import MEASUREMENTS
+
 # Run as ``python -I -S -c LAUNCHER OUT.json COMMAND...``: no site-packages, no .pth imports.
 LAUNCHER = """
 import json, os, subprocess, sys, time
@@ -192,8 +199,6 @@ def matmul_gflops(dtype: Any, tokens: int = 1024, width: int = 1024, min_seconds
     The layout matters: on AVX2 CPUs a bf16 ``a @ b`` of two row-major matrices runs ~10x slower
     than the same product as ``F.linear`` (the oneDNN path), and linears are what models run.
     """
-    import torch
-
     x, w = torch.randn(tokens, width, dtype=dtype), torch.randn(2 * width, width, dtype=dtype)
     torch.nn.functional.linear(x, w)  # warm-up: thread pool, kernel selection
     count, start = 0, time.perf_counter()
@@ -217,6 +222,139 @@ def paired_ci(q: dict) -> str:
         return "(reference)"
     low, high = q["dnll_ci"]
     return f"{q['dnll']:+.4f} [{low:+.4f}, {high:+.4f}], wins {q['wins']:.0%}"
+
+
+# ---------------------------------------------------------------------------------------------
+# awqkit runs: models, commands, records, the FLOP floor of their work
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def model_folder(name: str) -> Path:
+    return shipped_model(name) if name in SHIPPED else Path(name)
+
+
+def model_label(name: str) -> str:
+    return name if name in SHIPPED else Path(name).name
+
+
+def meta_model(folder: Path) -> torch.nn.Module:
+    """The model without weights: shapes for FLOP counts and divisibility checks, at no cost."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
+def decoder_linears(folder: Path) -> list[tuple[int, int]]:
+    """(in, out) of every linear awqkit quantizes."""
+    blocks = find_decoder(meta_model(folder)).blocks
+    return [(m.in_features, m.out_features) for block in blocks for m in block_linears(block).values()]
+
+
+def largest_block_params(folder: Path) -> int:
+    return max(sum(p.numel() for p in block.parameters()) for block in find_decoder(meta_model(folder)).blocks)
+
+
+@dataclass(frozen=True)
+class Work:
+    """The matmul FLOPs of an awqkit run: a calibration forward and an alpha search."""
+
+    linear_params: int
+    tokens: int
+    search_tokens: int
+    n_grid: int
+
+    @property
+    def calibration_flop(self) -> float:
+        return 2.0 * self.linear_params * self.tokens
+
+    @property
+    def search_flop(self) -> float:
+        # one X (W - W_hat)^T product per alpha on the search tokens
+        return (self.n_grid + 1) * 2.0 * self.search_tokens * self.linear_params
+
+    def floor_s(self, gflops: float) -> float:
+        return (self.calibration_flop + self.search_flop) / (gflops * 1e9)
+
+
+# awqkit --compute-dtype -> its key in the measured matmul rates
+RATE_KEYS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def read_awqkit_record(run: Run, out: Path) -> Run:
+    """awqkit's own record of the run (awqkit-run.json in its output): its stage seconds
+    (calibration data, calibration, which reads the blocks, search, the rounding, save) and its
+    peak RSS (VmHWM), kept next to the launcher's as a cross-check."""
+    record = json.loads((out / MEASUREMENTS).read_text())
+    run.stages = dict(record["stages_s"])
+    run.self_peak_rss_gib = record["peak_rss_gib"]
+    return run
+
+
+def rounding_s(stages: dict[str, float]) -> float:
+    """The rounding stage, which awqkit times apart from the search and names after the rounding."""
+    return stages.get("greedy", stages.get("nearest", 0.0))
+
+
+def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:
+    # --quiet: the stage timings are read from the run's awqkit-run.json, not from its log
+    return [sys.executable, "-m", "awqkit.cli", "quantize", str(folder), "--out", str(out), "--overwrite", "--quiet",
+            *quant, *options]  # fmt: skip
+
+
+def work_summary(work: Work, rates: dict[str, float]) -> dict[str, Any]:
+    return {
+        **asdict(work),
+        "calibration_flop": work.calibration_flop,
+        "search_flop": work.search_flop,
+        "floor_s": {dtype: work.floor_s(rate) for dtype, rate in rates.items()},
+    }
+
+
+def peaks(timing: dict) -> str:
+    """The launcher's peak (os.wait4) next to awqkit's own record of it (VmHWM): they should agree."""
+    own = timing.get("self_peak_rss_gib")
+    return f"{timing['peak_rss_gib']:.2f} / {own:.2f}" if own is not None else f"{timing['peak_rss_gib']:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def write_report(report: dict, started: float, out: Path, copy: Path | None) -> None:
+    report["total_s"] = time.perf_counter() - started
+    text = json.dumps(report, indent=1) + "\n"
+    (out / "report.json").write_text(text)
+    if copy:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+
+
+def source_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and the files of src/ that differed from it (awqkit runs from the tree)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "src_changes": git("status", "--porcelain", "--", "src").splitlines()}
+
+
+def contention_notes(runs: list[Run]) -> list[str]:
+    """Runs during which other processes used the CPUs (their timings are not this tool's alone)."""
+    checked = [r for r in runs if r.others_cpu_s is not None]
+    if not checked:
+        return []
+    scope = f"{len(checked)} runs checked"
+    if len(checked) < len(runs):
+        scope += f"; {len(runs) - len(checked)} runs of an earlier report carry no such record"
+    busy = [r for r in checked if r.contended]
+    if not busy:
+        return [f"machine quiet: other processes used under {CONTENDED:.0%} of a core during each run ({scope})"]
+    worst = ", ".join(f"{r.name} ({r.others_cpu_s:.0f} CPU-s beside {r.wall_s:.0f} s)" for r in busy)
+    return [
+        f"NOT QUIET: other processes used the CPUs during {len(busy)} runs ({scope}), whose times are inflated: {worst}"
+    ]
 
 
 def main() -> int:

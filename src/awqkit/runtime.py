@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+
+from awqkit import __version__
 
 DEVICES = "auto, cpu, cuda, cuda:N, xpu, xpu:N, mps"
 
@@ -125,12 +128,8 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def library_versions() -> dict[str, str]:
     """The versions that decide what a run computes: a cache or a partial run from others is stale."""
-    import transformers
-
-    import awqkit
-
     return {
-        "awqkit": awqkit.__version__,
+        "awqkit": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),  # the default corpus, pydoc-topics, is the stdlib's
@@ -139,8 +138,6 @@ def library_versions() -> dict[str, str]:
 
 def cpu_name() -> str:
     """The CPU's model name, to print next to every timing."""
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
@@ -87,12 +86,10 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 log = logging.getLogger("awqkit")
 
 
-def float_linears(model: Any) -> list[str]:
+def float_linears(model: nn.Module) -> list[str]:
     """The linears outside the decoder blocks (lm_head), the MoE routers and the linears blocks keep
     float (Qwen2-MoE's shared-expert gate): left float, so listed as ignored (vLLM builds the
     routers as linears)."""
-    from torch import nn
-
     blocks = find_decoder(model).blocks_name + "."
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     kept = [n for n in linears if not n.startswith(blocks) or n.rsplit(".", 1)[-1] in FLOAT_LINEARS]
