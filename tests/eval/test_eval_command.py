@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import generated_text, tiny_model, trained_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from awqkit.cli import main
 from awqkit.data.corpora import load_corpus
-from awqkit.eval.stats import bootstrap_means, paired_difference, perplexity, win_share
-from awqkit.eval.windows import eval_windows, sample_windows, stream_windows
 
 SMALL = ["--seq-len", "128", "--max-windows", "4"]  # after --datasets
 
@@ -44,60 +42,6 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     for folder in ("base", "noisy"):
         tokenizer.save_pretrained(root / folder)
     return root / "base", root / "noisy"
-
-
-# Windows
-
-
-def test_max_windows_tokenizes_a_prefix_without_changing_the_windows(tokenizer):
-    text = generated_text(20_000)
-    assert torch.equal(eval_windows(tokenizer, text, 128, 4), eval_windows(tokenizer, text, 128)[:4])
-
-
-def test_windows_lead_with_bos_when_the_tokenizer_does(gemma3_dir):
-    gemma = AutoTokenizer.from_pretrained(gemma3_dir)
-    text = load_corpus("fortunes")[:20_000]
-    stream = stream_windows(gemma, text, 32, 3)
-    plain = gemma(text[: text.find("\n\n", 2_000)], add_special_tokens=False)["input_ids"]
-    assert stream.bos and stream.ids.shape == (3, 32) and (stream.ids[:, 0] == gemma.bos_token_id).all()
-    assert stream.ids[:, 1:].reshape(-1).tolist() == plain[: 3 * 31]
-    samples = sample_windows(gemma, text, 5, 16, seed=0)
-    assert samples.bos and len(samples) == 5 and (samples.ids[:, 0] == gemma.bos_token_id).all()
-
-
-def test_samples_are_seeded_truncated_paragraphs(tokenizer):
-    text = "\n\n".join(f"paragraph number {i} " + "word " * (i % 40) for i in range(200)) + "\n\n\n\n  \n\n"
-    a, b = sample_windows(tokenizer, text, 20, 24, seed=3), sample_windows(tokenizer, text, 20, 24, seed=3)
-    assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, sample_windows(tokenizer, text, 20, 24, seed=4).ids)
-    assert not a.bos and len(a) == 20 and a.lengths.max() == 24 and a.lengths.min() < 24
-    for row, length in zip(a.ids, a.lengths):
-        paragraph = tokenizer.decode(row[:length])
-        assert paragraph.startswith("paragraph number") and (row[length:] == 0).all()
-
-
-# Statistics
-
-
-def test_identical_nlls_give_a_zero_difference_and_even_wins():
-    nll = np.random.default_rng(0).normal(3.0, 0.5, 50)
-    diff = paired_difference(nll, nll, np.ones(50))
-    assert diff.mean_nll_diff == 0 and diff.ci == (0.0, 0.0) and diff.win_share == 0.5
-
-
-def test_bootstrap_weights_windows_by_tokens_and_is_seeded():
-    values, tokens = np.array([1.0, 3.0]), np.array([3.0, 1.0])
-    means = bootstrap_means(values, tokens, 500, seed=7)
-    assert np.array_equal(means, bootstrap_means(values, tokens, 500, seed=7))
-    # Resamples are {1,1}, {3,3} or one of each, whose token-weighted mean is 1.5.
-    assert set(np.round(means, 9)) == {1.0, 1.5, 3.0}
-    assert perplexity(values, tokens) == pytest.approx(math.exp(1.5))
-
-
-def test_win_share_counts_ties_half():
-    assert win_share(np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 2.0, 2.0, 5.0])) == pytest.approx(2.5 / 4)
-
-
-# The command
 
 
 def test_stream_perplexity_matches_transformers_loss(tmp_path, smollm2_dir, smollm2_tokenizer):
