@@ -12,8 +12,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from awqkit.model.layout import find_decoder
+from awqkit.model.scale_groups import architecture_of, foldable
 from awqkit.model.shipped import shipped_model
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
+from awqkit.quant.fold import fold_scales
 
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2),
@@ -77,6 +79,21 @@ def walked_last_block_output(model: torch.nn.Module, windows: torch.Tensor, batc
     inputs = capture_block_inputs(layout, windows, batch_size, torch.float32)
     *_, last = walk_blocks(layout, inputs, search_indices=indices)
     return torch.cat(last.outputs)
+
+
+def fold_random_scales(model: torch.nn.Module, seed: int = 1) -> int:
+    """Fold random s (0.01 to 10) into every foldable group; returns how many groups folded."""
+    architecture = architecture_of(model)
+    g = torch.Generator().manual_seed(seed)
+    folded = 0
+    for block in find_decoder(model).blocks:
+        for group in reversed(architecture.scale_groups):
+            if foldable(group, block):
+                width = block.get_submodule(group.balance[0]).in_features
+                s = 10 ** (torch.rand(width, generator=g, dtype=torch.float64) * 3 - 2)
+                fold_scales(block, group, s.to(next(block.parameters()).dtype), architecture.norm_offset)
+                folded += 1
+    return folded
 
 
 REAL_FIXTURES = {"smollm2_dir", "gemma3_dir", "smollm2_tokenizer"}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import walked_last_block_output
+from conftest import fold_random_scales, walked_last_block_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import awqkit.quant.block
@@ -165,8 +165,6 @@ def test_end_to_end_gemma3(gemma3_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
 def test_folded_scales_keep_the_real_models_logits(name, request):
-    from test_folding import fold_random_scales
-
     model, tokenizer = load_model(str(request.getfixturevalue(f"{name}_dir")), "float32")
     ids = tokenize_text(tokenizer, load_corpus("fortunes")[:5_000])[:64][None]
     with torch.no_grad():

@@ -1,15 +1,15 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import fold_random_scales, tiny_model
 
 from awqkit.config import QuantizeConfig
 from awqkit.errors import UnsupportedModelError
 from awqkit.model.layout import find_decoder
-from awqkit.model.scale_groups import ARCHITECTURES, architecture_of, foldable
+from awqkit.model.scale_groups import ARCHITECTURES, architecture_of
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.pipeline import quantize_model
 from awqkit.quant.block import module_output_error
-from awqkit.quant.fold import divide_output, fold_normalizer, fold_scales
+from awqkit.quant.fold import divide_output, fold_normalizer
 from awqkit.quant.grid import dequantize_groupwise
 
 TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
@@ -21,21 +21,6 @@ def _randomise_norms(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if "norm" in name:
             p.data.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 - 0.5)
-
-
-def fold_random_scales(model: torch.nn.Module, seed: int = 1) -> int:
-    """Fold random s (0.01 to 10) into every foldable group; returns how many groups folded."""
-    architecture = architecture_of(model)
-    g = torch.Generator().manual_seed(seed)
-    folded = 0
-    for block in find_decoder(model).blocks:
-        for group in reversed(architecture.scale_groups):
-            if foldable(group, block):
-                width = block.get_submodule(group.balance[0]).in_features
-                s = 10 ** (torch.rand(width, generator=g, dtype=torch.float64) * 3 - 2)
-                fold_scales(block, group, s.to(next(block.parameters()).dtype), architecture.norm_offset)
-                folded += 1
-    return folded
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped-query", "multi-head"])
