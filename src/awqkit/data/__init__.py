@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation: corpora by name or path, and token windows cut from them."""

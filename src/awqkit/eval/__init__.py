@@ -1,0 +1,1 @@
+"""``awqkit eval``: windows, per-window NLLs and their cache, paired statistics, the report."""

@@ -1,0 +1,1 @@
+"""``awqkit diff`` and ``awqkit info``: reading checkpoints, writing nothing."""
