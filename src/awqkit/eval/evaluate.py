@@ -108,7 +108,7 @@ def check_seq_len(model_name: str, seq_len: int) -> None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_name).get_text_config()
+        config = AutoConfig.from_pretrained(model_name, trust_remote_code=False).get_text_config()
     except OSError as error:
         raise one_line_load_error(model_name, error) from None
     limit = getattr(config, "max_position_embeddings", None)

@@ -8,6 +8,7 @@ every page read so far as resident memory.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,13 +75,32 @@ def read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def inside(folder: Path, entry: str, named_by: Path | None = None) -> Path:
+    """``folder / entry``, refused in one line unless it stays inside the model folder: no absolute
+    path, no ``..`` out of it, no symlink out of it. The one way out allowed is a Hub snapshot's:
+    its files link into the blob store of the same repository (``snapshots/REV/x -> ../../blobs/``)."""
+    folder = folder.resolve()
+    where = f"{named_by}: " if named_by is not None else ""
+    path = folder / entry
+    if Path(entry).is_absolute() or not Path(os.path.normpath(path)).is_relative_to(folder):
+        raise ValueError(
+            f"{where}{entry!r} points outside the model folder {folder}; awqkit reads only files inside it"
+        )
+    allowed = [folder] + ([folder.parent.parent / "blobs"] if folder.parent.name == "snapshots" else [])
+    if path.exists() and not any(path.resolve().is_relative_to(root) for root in allowed):
+        raise ValueError(f"{where}{entry!r} links outside the model folder {folder}; awqkit reads only files inside it")
+    return path
+
+
 def tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the file holding it, for a model folder (its index, else model.safetensors)."""
+    """Tensor name -> the file holding it, for a model folder (its index, else model.safetensors),
+    every file inside the folder."""
     index = folder / INDEX
     if index.is_file():
-        files = {name: folder / file for name, file in read_index(index).items()}
+        files = {name: inside(folder, file, index) for name, file in read_index(index).items()}
     elif (folder / SINGLE).is_file():
-        files = dict.fromkeys(tensor_names(folder / SINGLE), folder / SINGLE)
+        single = inside(folder, SINGLE)
+        files = dict.fromkeys(tensor_names(single), single)
     elif list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
         raise ValueError(
             f"{folder} holds PyTorch .bin weights; awqkit reads safetensors: {CONVERT_HINT.format(src=folder)}"
@@ -102,10 +122,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if (path / INDEX).is_file():
-        return [path / file for file in sorted(set(read_index(path / INDEX).values()))]
+        return [inside(path, file, path / INDEX) for file in sorted(set(read_index(path / INDEX).values()))]
     if (path / SINGLE).is_file():
-        return [path / SINGLE]
-    files = sorted(p for p in path.glob("*.safetensors") if p.name not in SIDE_FILES)
+        return [inside(path, SINGLE)]
+    files = sorted(inside(path, p.name) for p in path.glob("*.safetensors") if p.name not in SIDE_FILES)
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     return files

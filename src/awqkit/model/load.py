@@ -3,12 +3,14 @@ tokenizer; the whole model in memory, refused when its checkpoint does not match
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from awqkit.model.shipped import resolve_shipped
 
@@ -60,12 +62,29 @@ def one_line_load_error(name_or_path: str, error: OSError) -> FileNotFoundError:
     return FileNotFoundError(f"cannot load model {name_or_path!r}: {first_line}")
 
 
+def check_no_custom_code(name_or_path: str | Path) -> None:
+    """Refuse a local model folder whose config needs code of its own (``auto_map`` for a model type
+    transformers does not know): awqkit never runs a model folder's code, and never asks."""
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        content = json.loads(config.read_text()) if config.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return  # transformers reports a malformed config in its own words
+    model_type = content.get("model_type") if isinstance(content, dict) else None
+    if isinstance(content, dict) and content.get("auto_map") and model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{config}: auto_map names custom code for model type {model_type!r}, which transformers does not "
+            "know; awqkit never runs a model folder's code"
+        )
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     _check_model_ref(name_or_path)
+    check_no_custom_code(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except OSError as error:
         raise one_line_load_error(name_or_path, error) from None
 
@@ -98,9 +117,14 @@ def load_checked_model(name_or_path: str, dtype: str = "auto") -> Any:
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_no_custom_code(name_or_path)
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=DTYPES[dtype], output_loading_info=True, ignore_mismatched_sizes=True
+            name_or_path,
+            dtype=DTYPES[dtype],
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            trust_remote_code=False,
         )
     except OSError as error:
         raise one_line_load_error(name_or_path, error) from None

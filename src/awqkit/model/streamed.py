@@ -13,6 +13,7 @@ from torch import nn
 from awqkit.io.safetensors import CheckpointFiles
 from awqkit.model.experts import linearize_experts
 from awqkit.model.layout import DecoderLayout, find_decoder
+from awqkit.model.load import check_no_custom_code
 
 log = logging.getLogger("awqkit")
 
@@ -42,9 +43,10 @@ class StreamedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = folder
+        check_no_custom_code(folder)
         self.files = CheckpointFiles(folder)
         self.dtype = dtype  # None: each tensor as stored
-        self.config = AutoConfig.from_pretrained(folder)
+        self.config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
             self.model: nn.Module = AutoModelForCausalLM.from_config(self.config)
         self.model.eval()

@@ -171,7 +171,7 @@ def model_order(folder: Path) -> dict[str, int]:
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
     except (OSError, ValueError, KeyError) as error:
         log.info("tensors sorted by name: no model order from %s (%s)", folder, error)
         return {}
