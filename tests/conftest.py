@@ -24,7 +24,7 @@ TINY = {
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     # Six layers so that sliding (0-4) and full attention (5) both occur, with a window shorter
     # than the test sequences so the sliding mask matters.
-    # Mixture-of-experts: 4 experts, 2 per token (awqkit.experts)
+    # Mixture-of-experts: 4 experts, 2 per token (awqkit.model.experts)
     "mixtral": dict(
         hidden_size=64,
         intermediate_size=96,

@@ -6,14 +6,11 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-log = logging.getLogger("awqkit")
 
 
 def perplexity(window_nlls: torch.Tensor | np.ndarray, tokens: np.ndarray | None = None) -> float:

@@ -4,7 +4,6 @@ quantization_config, ``awqkit.json`` and the scales."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ from awqkit.formats.tensors import block_tensors, write_quantization_config
 from awqkit.io.publish import write_atomically
 from awqkit.io.shards import ShardWriter
 from awqkit.model.layout import find_decoder, float_linears
-
-log = logging.getLogger("awqkit")
 
 
 def save_quantized(

@@ -3,15 +3,11 @@ only when complete, and an old one is set aside until the new one is in place.""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-log = logging.getLogger("awqkit")
-
 
 MODEL_FOLDER_MARKERS = ("config.json", "awqkit.json")
 

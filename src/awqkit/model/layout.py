@@ -6,7 +6,6 @@ hand-written table per model type.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -81,9 +80,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
         name: m for name, m in block.named_modules()
         if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_LINEARS
     }  # fmt: skip
-
-
-log = logging.getLogger("awqkit")
 
 
 def float_linears(model: nn.Module) -> list[str]:

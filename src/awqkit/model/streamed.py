@@ -3,7 +3,6 @@ tensors read only when the walk reaches it, so memory holds one block whatever t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from awqkit.io.safetensors import CheckpointFiles
 from awqkit.model.experts import linearize_experts
 from awqkit.model.layout import DecoderLayout, find_decoder
 from awqkit.model.load import check_no_custom_code
-
-log = logging.getLogger("awqkit")
 
 
 def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
