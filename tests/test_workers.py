@@ -79,6 +79,20 @@ def test_two_workers_write_the_one_worker_bytes_on_a_mixture_of_experts(
     assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_with_no_rows_of_a_small_weight_write_the_one_worker_bytes(workers, tokenizer, calib_text, tmp_path):
+    """q has 32 rows, k and v 16, gate and up 33 (a ragged group too): one row chunk or two, so
+    some workers hold no rows of them and join each exchange with empty parts."""
+    from conftest import save_tiny
+
+    model = save_tiny(tmp_path / "model", tokenizer, head_dim=8, intermediate_size=33)
+    extra = ["--group-size", "16", "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--clip"]
+    for world in (1, workers):
+        done = _run(world, model, tmp_path / f"w{world}", calib_text, *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / f"w{workers}")
+
+
 def test_more_workers_than_calibration_batches_is_one_line_and_nothing_written(tiny_llama_dir, calib_text, tmp_path):
     done = _run(2, tiny_llama_dir, tmp_path / "out", calib_text, "--n-calib", "2", "--batch-size", "2")
     said = [line for line in done.stderr.splitlines() if line.startswith("awqkit: error:")]

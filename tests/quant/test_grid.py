@@ -191,3 +191,11 @@ def test_clip_shrinks_each_groups_range_by_its_ratio_and_clamps_beyond():
     assert w_hat[0, 3].item() == pytest.approx(1.0, abs=qw.scale[0, 0].item() / 2)  # 2.0 clamps to the range's end
     assert w_hat[0, 0].item() == pytest.approx(-0.5, abs=qw.scale[0, 0].item() / 2)
     assert torch.equal(quantize_groupwise(w, 4, 4, clip=torch.ones(1, 2)).q, unclipped.q)
+
+
+@pytest.mark.parametrize("in_features", [32, 33])
+def test_no_rows_quantize_to_no_rows(in_features):
+    """A worker's share of a weight smaller than one row chunk per worker is empty."""
+    quantized = quantize_groupwise(torch.zeros(0, in_features), 4, 16)
+    assert quantized.q.shape == (0, in_features) and quantized.scale.shape == (0, -(-in_features // 16))
+    assert dequantize_groupwise(quantized).shape == (0, in_features)

@@ -47,9 +47,9 @@ def as_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """
     out_features, in_features = x.shape
     pad = num_groups(in_features, group_size) * group_size - in_features
-    if pad:
-        x = torch.nn.functional.pad(x[None], (0, pad), mode="replicate")[0]
-    return x.view(out_features, num_groups(in_features, group_size), group_size)  # 0 rows too (a worker's share)
+    if pad:  # torch's replicate padding refuses 0 rows (a worker's share of a small weight)
+        x = torch.cat([x, x[:, -1:].expand(out_features, pad)], dim=1)
+    return x.view(out_features, num_groups(in_features, group_size), group_size)
 
 
 def from_groups(x: torch.Tensor, in_features: int) -> torch.Tensor:
