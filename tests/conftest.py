@@ -4,6 +4,7 @@ first and needs nothing shipped; tests that need a shipped model or Debian text 
 then `pytest -m real`. In the fast tier the shipped models and the Debian corpora are unreachable,
 so a fast test that quietly depends on them fails instead of passing here and nowhere else."""
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -203,6 +204,19 @@ def save_tiny(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class Killed(BaseException):
+    """Stands for the process dying: not an Exception, so nothing catches it on the way out."""
+
+
+def output_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each file of an output folder but the run's measurements (the one that differs)."""
+    from awqkit.pipeline import MEASUREMENTS
+
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
+    }
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

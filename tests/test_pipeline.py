@@ -1,9 +1,9 @@
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import output_hashes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,13 +16,6 @@ FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-toke
 
 def _run(model_dir, out, calib, *extra):
     return main(["--quiet", "quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    """Every file's hash but the run's measurements (timings and memory differ run to run)."""
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
-    }
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +59,9 @@ def test_saved_weight_is_q_of_ws_over_s(nearest_dir, tiny_llama_dir):
 
 def test_same_seed_gives_identical_files(nearest_dir, tiny_llama_dir, calib_text, tmp_path):
     assert _run(tiny_llama_dir, tmp_path / "again", calib_text) == 0
-    assert _hashes(tmp_path / "again") == _hashes(nearest_dir)
+    assert output_hashes(tmp_path / "again") == output_hashes(nearest_dir)
     assert _run(tiny_llama_dir, tmp_path / "other", calib_text, "--seed", "7") == 0
-    assert _hashes(tmp_path / "other")["model.safetensors"] != _hashes(nearest_dir)["model.safetensors"]
+    assert output_hashes(tmp_path / "other")["model.safetensors"] != output_hashes(nearest_dir)["model.safetensors"]
 
 
 def test_greedy_records_flips_and_differs(tiny_llama_dir, calib_text, tmp_path):
@@ -241,7 +234,7 @@ def test_unavailable_or_unknown_devices_are_one_line(device, message, tiny_llama
 
 def test_explicit_cpu_device_gives_the_default_run(nearest_dir, tiny_llama_dir, calib_text, tmp_path):
     assert _run(tiny_llama_dir, tmp_path / "cpu", calib_text, "--device", "cpu") == 0
-    assert _hashes(tmp_path / "cpu") == _hashes(nearest_dir)
+    assert output_hashes(tmp_path / "cpu") == output_hashes(nearest_dir)
 
 
 def test_nan_weight_stops_the_run_in_one_line_naming_the_layer(tokenizer, calib_text, tmp_path, capsys):

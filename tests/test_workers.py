@@ -1,6 +1,5 @@
 """Several workers under torchrun (gloo, 2 processes of 1 thread each) give the one-worker bytes."""
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -9,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import output_hashes
 
 from awqkit.io.resume import STATE, partial_folder
-from awqkit.pipeline import MEASUREMENTS
 
 SMALL = ["--n-calib", "8", "--seq-len", "32", "--batch-size", "2", "--n-grid", "2", "--max-search-tokens", "64"]
 CASES = {
@@ -46,12 +45,6 @@ def _run(workers: int, *args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(_command(workers, *args), env=env, capture_output=True, text=True, timeout=600, **kwargs)
 
 
-def _hashes(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
-    }
-
-
 # per-linear nearest runs on SmolLM2 below; greedy with clipping covers the per-linear path here
 @pytest.mark.parametrize("case", ["per-linear greedy clip both", "shared module greedy awq"])
 def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text, tmp_path):
@@ -60,7 +53,7 @@ def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text
         assert done.returncode == 0, done.stderr[-2000:]
     # Bit for bit: the statistics are pooled per batch and summed in batch order, as one worker sums
     # them, and each candidate's rows, quantized apart, are gathered whole before its error is taken.
-    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
+    assert output_hashes(tmp_path / "w1") == output_hashes(tmp_path / "w2")
 
 
 @pytest.mark.parametrize("moe_calibration", ["all", "routed"])
@@ -76,7 +69,7 @@ def test_two_workers_write_the_one_worker_bytes_on_a_mixture_of_experts(
     for workers in (1, 2):
         done = _run(workers, model, tmp_path / f"w{workers}", calib_text, *extra)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
+    assert output_hashes(tmp_path / "w1") == output_hashes(tmp_path / "w2")
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -90,7 +83,7 @@ def test_workers_with_no_rows_of_a_small_weight_write_the_one_worker_bytes(worke
     for world in (1, workers):
         done = _run(world, model, tmp_path / f"w{world}", calib_text, *extra)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / f"w{workers}")
+    assert output_hashes(tmp_path / "w1") == output_hashes(tmp_path / f"w{workers}")
 
 
 def test_more_workers_than_calibration_batches_is_one_line_and_nothing_written(tiny_llama_dir, calib_text, tmp_path):
@@ -139,7 +132,7 @@ def test_a_killed_worker_fails_the_run_and_nothing_appears_at_out(tokenizer, cal
     # The same command afterwards continues from the saved blocks and gives the one-worker bytes.
     assert _run(2, model, out, calib_text, "--group-size", "32").returncode == 0
     assert _run(1, model, tmp_path / "one", calib_text, "--group-size", "32").returncode == 0
-    assert _hashes(out) == _hashes(tmp_path / "one")
+    assert output_hashes(out) == output_hashes(tmp_path / "one")
 
 
 @pytest.mark.real
@@ -157,4 +150,4 @@ def test_two_workers_on_smollm2_write_the_one_worker_bytes(case, smollm2_dir, tm
     for workers in (1, 2):
         done = _run(workers, "smollm2", tmp_path / f"w{workers}", "fortunes", *extra)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert _hashes(tmp_path / "w1") == _hashes(tmp_path / "w2")
+    assert output_hashes(tmp_path / "w1") == output_hashes(tmp_path / "w2")

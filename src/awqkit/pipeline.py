@@ -236,7 +236,7 @@ def quantize(
     continues from; it is renamed to ``out_dir`` when complete.
     """
     run = _prepare(model_name_or_path, out_dir, config, dtype, device, max_shard_size, overwrite)
-    output = _open_or_resume(run)
+    output = _open_or_resume(run, progress and run.workers.writes)
     _walk_and_write(run, output, progress and run.workers.writes)
     result = QuantizeResult(
         {name: LayerRecord(**rec) for name, rec in output.progress.layers.items()},
@@ -276,11 +276,11 @@ class _StreamedRun:
         """A linear (or any module with a weight) by the checkpoint's name."""
         return self.source.stored_name(f"{module}.weight").removesuffix(".weight")
 
-    def fingerprint(self) -> str:
-        """What must be equal for a partial folder to be this run's."""
+    def fingerprint(self, progress: bool) -> str:
+        """What must be equal for a partial folder to be this run's: the input files by content."""
         return fingerprint({
             "awqkit": library_versions(), "config": asdict(self.config), "dtype": self.dtype,
-            "device": str(self.device), "source": self.source.files.identity(),
+            "device": str(self.device), "source": self.source.files.identity(progress),
             "windows": hashlib.sha256(self.windows.numpy().tobytes()).hexdigest(),
             "max_shard_bytes": self.max_shard_bytes, "workers": self.workers.world,
         })  # fmt: skip
@@ -340,17 +340,19 @@ class _Output:
     scales: ShardWriter | None = None
 
 
-def _open_or_resume(run: _StreamedRun) -> _Output:
+def _open_or_resume(run: _StreamedRun, progress: bool) -> _Output:
     """The partial folder of this very run (a stale one is cleared), and the hidden states entering
     the block to start from: captured from the embeddings, or saved by the run that stopped."""
     workers, config, source = run.workers, run.config, run.source
-    weights = scales = None
+    weights = scales = saved = None
     if workers.writes:
         run.out.parent.mkdir(parents=True, exist_ok=True)
-        progress = open_partial(run.partial, run.fingerprint())
-        weights = ShardWriter(run.partial, "model", run.max_shard_bytes, progress.writers.get("model"))
-        scales = ShardWriter(run.partial, "awq_scales", state=progress.writers.get("scales"))
-    progress = workers.broadcast(progress if workers.writes else None)
+        with timed(run.timings, "input digest"):
+            identity = run.fingerprint(progress)
+        saved = open_partial(run.partial, identity)
+        weights = ShardWriter(run.partial, "model", run.max_shard_bytes, saved.writers.get("model"))
+        scales = ShardWriter(run.partial, "awq_scales", state=saved.writers.get("scales"))
+    saved = workers.broadcast(saved if workers.writes else None)
     n_batches = -(-run.windows.shape[0] // config.batch_size)
     with timed(run.timings, "calibration"):
         source.materialize_decoder()
@@ -358,12 +360,12 @@ def _open_or_resume(run: _StreamedRun) -> _Output:
         batches = workers.batches(n_batches)
         inputs = capture_block_inputs(source.layout, run.windows, config.batch_size, dtype_of_products, batches)
         source.release_decoder()
-    if progress.next_block > 0:
-        inputs.hidden = load_hidden(run.partial, progress.next_block, workers)
+    if saved.next_block > 0:
+        inputs.hidden = load_hidden(run.partial, saved.next_block, workers)
     elif weights is not None:
         with timed(run.timings, "save"):
             weights.add(source.stored_names(source.read(source.non_block_names())))
-    return _Output(progress, inputs, weights, scales)
+    return _Output(saved, inputs, weights, scales)
 
 
 class _BlockWriter:

@@ -2,6 +2,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
@@ -10,7 +11,7 @@ from test_cache import INVALID
 
 import awqkit.eval.evaluate
 from awqkit.cli import main
-from awqkit.eval.cache import load_cache, save_cache
+from awqkit.eval.cache import CacheKey, load_cache, save_cache
 from awqkit.eval.evaluate import check_seq_len
 from awqkit.model.load import load_checked_model
 
@@ -42,6 +43,12 @@ def _eval(tmp_path: Path, model: Path, corpus: Path, *extra: str) -> tuple[int, 
     return rc, json.loads(out.read_text()) if out.exists() else None
 
 
+def stored_key(path: Path) -> CacheKey:
+    """The key a cache file says it holds."""
+    with np.load(path) as fields:
+        return CacheKey(**json.loads(fields["key"].item()))
+
+
 def _scored(report: dict) -> dict:
     """What a report says about the models, without the run's settings (the cache folder differs)."""
     return {key: report[key] for key in ("models", "datasets")}
@@ -57,7 +64,7 @@ def test_a_bad_cache_file_gives_the_report_of_no_cache(case, tmp_path, model_dir
     rc, report = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     assert rc == 0 and _scored(report) == _scored(uncached)
     # The file was rewritten whole: a later run needs no model.
-    assert load_cache(path, N).complete
+    assert load_cache(path, stored_key(path), N).complete
     monkeypatch.setattr(awqkit.eval.evaluate, "load_checked_model", lambda *a: pytest.fail("model loaded"))
     rc, cached = _eval(tmp_path, model_dir, corpus, "--cache-dir", str(tmp_path / "cache"))
     assert rc == 0 and _scored(cached) == _scored(uncached)
@@ -67,10 +74,11 @@ def test_only_unscored_windows_are_scored_again(tmp_path, model_dir, corpus, mon
     cache_args = ["--cache-dir", str(tmp_path / "cache")]
     _, full = _eval(tmp_path, model_dir, corpus, *cache_args)
     [path] = (tmp_path / "cache").glob("*.npz")
-    cache = load_cache(path, N)
+    key = stored_key(path)
+    cache = load_cache(path, key, N)
     cache.scored[[1, 2]] = False  # as if the run died with those windows still to do
     cache.nll[[1, 2]] = 0.0
-    save_cache(path, cache)
+    save_cache(path, key, cache)
     scored_rows = []
     real = awqkit.eval.evaluate.window_nll
 

@@ -1,31 +1,20 @@
 """A streamed run stopped after block k continues from there and gives the same bytes."""
 
-import hashlib
 import json
 import logging
 
 import pytest
+from conftest import Killed, output_hashes
 
 import awqkit.pipeline
 from awqkit.cli import main
 from awqkit.io.resume import STATE, partial_folder
-from awqkit.pipeline import MEASUREMENTS
 
 FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-tokens", "128", "--group-size", "32"]
 
 
-class Killed(BaseException):
-    """Stands for the process dying: not an Exception, so nothing catches it on the way out."""
-
-
 def _run(model_dir, out, calib, *extra):
     return main(["--quiet", "quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
-
-
-def _hashes(folder):
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MEASUREMENTS
-    }
 
 
 def _kill_after_block(monkeypatch, k):
@@ -69,7 +58,7 @@ def test_killed_run_resumes_to_byte_identical_output(extra, four_layer_dir, cali
     )
     assert _run(four_layer_dir, out, calib_text, *shards, *extra) == 0
     assert resumed_blocks == [2, 3]  # blocks 0 and 1 were not quantized again
-    assert _hashes(out) == _hashes(tmp_path / "uninterrupted")
+    assert output_hashes(out) == output_hashes(tmp_path / "uninterrupted")
     assert not partial_folder(out).exists()
 
 
@@ -100,7 +89,7 @@ def test_a_different_command_never_resumes_from_a_stale_folder(
         )
     assert "different or unfinished run" in caplog.text and "resuming" not in caplog.text
     assert _run(four_layer_dir, tmp_path / "fresh", calib_text, "--seed", "7") == 0
-    assert _hashes(out) == _hashes(tmp_path / "fresh")
+    assert output_hashes(out) == output_hashes(tmp_path / "fresh")
 
 
 def test_a_foreign_folder_in_the_partial_place_is_never_deleted(four_layer_dir, calib_text, tmp_path, capsys):
@@ -128,4 +117,4 @@ def test_ctrl_c_is_one_line_and_the_same_command_continues(four_layer_dir, calib
     assert "run the same command again" in capsys.readouterr().err
     monkeypatch.undo()
     assert _run(four_layer_dir, tmp_path / "out", calib_text) == 0
-    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "uninterrupted")
+    assert output_hashes(tmp_path / "out") == output_hashes(tmp_path / "uninterrupted")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from awqkit.data.corpora import load_corpus
 from awqkit.data.tokens import bos_to_prepend, tokenize_text
-from awqkit.eval.cache import CachedNLL, cache_path, load_cache, save_cache, weights_digest
+from awqkit.eval.cache import CachedNLL, CacheKey, load_cache, save_cache, weights_digest
 from awqkit.eval.stats import paired_difference, perplexity_interval, weighted_mean
 from awqkit.eval.windows import MODES, Windows, sample_windows, stream_windows
 from awqkit.model.load import DTYPES, load_checked_model, load_tokenizer, one_line_load_error
@@ -129,13 +129,14 @@ def _score_windows(
     model: Any,
     windows: Windows,
     cache: CachedNLL,
-    path: Path | None,
+    store: tuple[Path, CacheKey] | None,
     batch_size: int,
     names: tuple[str, str],
     desc: str,
     progress: bool,
 ) -> np.ndarray:
-    """Score the windows ``cache`` lacks, a batch at a time, saving it after each batch.
+    """Score the windows ``cache`` lacks, a batch at a time, saving it after each batch to ``store``
+    (a cache file and what it holds).
 
     ``names`` are the model's and the dataset's, for the error a non-finite NLL raises: a NaN or
     inf would make the perplexity and every interval meaningless.
@@ -153,8 +154,8 @@ def _score_windows(
                 "its weights or activations hold NaN or inf"
             )
         cache.nll[batch.numpy()], cache.scored[batch.numpy()] = scored, True
-        if path is not None:
-            save_cache(path, cache)
+        if store is not None:
+            save_cache(*store, cache)
         bar.update(len(batch))
     bar.close()
     return cache.nll
@@ -167,11 +168,13 @@ def score_model(
     digest = weights_digest(model_name) if config.cache_dir is not None else None
     if config.cache_dir is not None and digest is None:
         log.info("%s is not a local folder with safetensors: its NLLs are not cached", model_name)
-    paths = {
-        name: cache_path(config.cache_dir, digest, config.dtype, name, w) if digest else None
-        for name, w in windows.items()
-    }
-    cached = {name: load_cache(paths[name], len(w)) for name, w in windows.items()}
+    stores: dict[str, tuple[Path, CacheKey] | None] = dict.fromkeys(windows)
+    cached = {name: CachedNLL.empty(len(w)) for name, w in windows.items()}
+    if config.cache_dir is not None and digest is not None:
+        for name, w in windows.items():
+            key = CacheKey(digest, config.dtype, w.digest())
+            stores[name] = (key.file(config.cache_dir, name), key)
+            cached[name] = load_cache(*stores[name], len(w))
     dtypes = {cache.dtype for cache in cached.values()}
     if all(cache.complete for cache in cached.values()) and len(dtypes) == 1:
         log.info("%s: every window's NLL is cached", label)
@@ -185,7 +188,7 @@ def score_model(
         start = cached[name] if cached[name].dtype == dtype else CachedNLL.empty(len(w))
         start.dtype = dtype
         scores[name] = _score_windows(
-            model, w, start, paths[name], config.batch_size, (model_name, name), f"{label} {name}", progress
+            model, w, start, stores[name], config.batch_size, (model_name, name), f"{label} {name}", progress
         )
     # Free this model before the caller loads the next one; HF modules hold reference cycles.
     del model

@@ -7,6 +7,7 @@ every page read so far as resident memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -190,7 +192,28 @@ class CheckpointFiles:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         return read_tensors(self.files, names, self.keys)
 
-    def identity(self) -> list[tuple[str, int, int]]:
-        """Each file's name, size and modification time: a different checkpoint never matches."""
+    def identity(self, progress: bool = False) -> list[tuple[str, str]]:
+        """Each file's name and the sha256 of its bytes, config.json's too: a checkpoint that
+        differs in any byte never matches, whatever its files' names and times say."""
         files = sorted({*self.files.values(), self.folder / "config.json"})
-        return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+        return file_digests([p for p in files if p.is_file()], progress)
+
+
+def file_digests(paths: list[Path], progress: bool = False) -> list[tuple[str, str]]:
+    """Each file's name and the sha256 of its bytes, read once in order (about 1 GB/s a core)."""
+    bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="input digest",
+               disable=not progress)  # fmt: skip
+    digests = []
+    buffer = bytearray(1 << 23)
+    for path in paths:
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                while n := handle.readinto(buffer):
+                    h.update(memoryview(buffer)[:n])
+                    bar.update(n)
+        except OSError as error:
+            raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+        digests.append((path.name, h.hexdigest()))
+    bar.close()
+    return digests
