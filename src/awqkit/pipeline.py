@@ -10,7 +10,8 @@ import logging
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from awqkit.data.tokens import calibration_data
 from awqkit.formats.folder import write_model_files
 from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
 from awqkit.formats.tensors import block_tensors, check_packable
-from awqkit.io.publish import check_not_input, check_output_dir, publish
+from awqkit.io.publish import check_not_input, check_output_dir, publish, recover_interrupted_publish, writes_named
 from awqkit.io.resume import (
     Progress,
     clear_progress,
@@ -236,16 +237,19 @@ def quantize(
     continues from; it is renamed to ``out_dir`` when complete.
     """
     run = _prepare(model_name_or_path, out_dir, config, dtype, device, max_shard_size, overwrite)
-    output = _open_or_resume(run, progress and run.workers.writes)
-    _walk_and_write(run, output, progress and run.workers.writes)
-    result = QuantizeResult(
-        {name: LayerRecord(**rec) for name, rec in output.progress.layers.items()},
-        {},
-        timings=run.timings,
-        blocks=output.progress.blocks,
-    )
-    if run.workers.writes:
-        _publish(run, output, result)
+    show = progress and run.workers.writes
+    saved = _open(run, show)
+    with _discarded_on_bad_input(run), writes_named(run.partial):
+        output = _resume(run, saved)
+        _walk_and_write(run, output, show)
+        result = QuantizeResult(
+            {name: LayerRecord(**rec) for name, rec in output.progress.layers.items()},
+            {},
+            timings=run.timings,
+            blocks=output.progress.blocks,
+        )
+        if run.workers.writes:
+            _publish(run, output, result)
     return result
 
 
@@ -302,6 +306,9 @@ def _prepare(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     workers, compute_device = start_workers(resolve_device(device))
+    if workers.writes:
+        recover_interrupted_publish(out_dir)
+    workers.barrier()
     out = check_output_dir(out_dir, overwrite)
     folder = resolve_model_folder(model_name_or_path)
     check_not_input(out, folder)
@@ -340,19 +347,36 @@ class _Output:
     scales: ShardWriter | None = None
 
 
-def _open_or_resume(run: _StreamedRun, progress: bool) -> _Output:
-    """The partial folder of this very run (a stale one is cleared), and the hidden states entering
-    the block to start from: captured from the embeddings, or saved by the run that stopped."""
-    workers, config, source = run.workers, run.config, run.source
-    weights = scales = saved = None
-    if workers.writes:
+def _open(run: _StreamedRun, progress: bool) -> Progress:
+    """The partial folder of this very run (a stale one is cleared) and its saved progress."""
+    saved = None
+    if run.workers.writes:
         run.out.parent.mkdir(parents=True, exist_ok=True)
         with timed(run.timings, "input digest"):
             identity = run.fingerprint(progress)
         saved = open_partial(run.partial, identity)
+    return run.workers.broadcast(saved)
+
+
+@contextmanager
+def _discarded_on_bad_input(run: _StreamedRun) -> Iterator[None]:
+    """Bad input (a NaN weight, say) fails the same way again: nothing to resume, nothing kept."""
+    try:
+        yield
+    except ValueError:
+        if run.workers.writes:
+            shutil.rmtree(run.partial, ignore_errors=True)
+        raise
+
+
+def _resume(run: _StreamedRun, saved: Progress) -> _Output:
+    """The partial folder's writers (worker 0) and the hidden states entering the block to start
+    from: captured from the embeddings, or saved by the run that stopped."""
+    workers, config, source = run.workers, run.config, run.source
+    weights = scales = None
+    if workers.writes:
         weights = ShardWriter(run.partial, "model", run.max_shard_bytes, saved.writers.get("model"))
         scales = ShardWriter(run.partial, "awq_scales", state=saved.writers.get("scales"))
-    saved = workers.broadcast(saved if workers.writes else None)
     n_batches = -(-run.windows.shape[0] // config.batch_size)
     with timed(run.timings, "calibration"):
         source.materialize_decoder()
@@ -399,17 +423,11 @@ class _BlockWriter:
 
 def _walk_and_write(run: _StreamedRun, output: _Output, progress: bool) -> None:
     """The block walk from the first block not yet written, each block written as it finishes."""
-    try:
-        quantize_blocks(
-            run.source.layout, output.inputs, run.config, _BlockWriter(run, output), architecture=run.architecture,
-            device=run.device, block_state=run.source.block_state, start=output.progress.next_block,
-            timings=run.timings, progress=progress, workers=run.workers,
-        )  # fmt: skip
-    except ValueError:
-        # Bad input (a NaN weight, say) fails the same way again: nothing to resume, nothing kept.
-        if run.workers.writes:
-            shutil.rmtree(run.partial, ignore_errors=True)
-        raise
+    quantize_blocks(
+        run.source.layout, output.inputs, run.config, _BlockWriter(run, output), architecture=run.architecture,
+        device=run.device, block_state=run.source.block_state, start=output.progress.next_block,
+        timings=run.timings, progress=progress, workers=run.workers,
+    )  # fmt: skip
 
 
 def _publish(run: _StreamedRun, output: _Output, result: QuantizeResult) -> None:

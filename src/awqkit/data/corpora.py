@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 HUB_CORPORA = {
@@ -65,11 +66,34 @@ def _fortunes(folder: Path) -> str:
 
 def _records(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
-        lines = _read_text(path).splitlines()
-        return [json.loads(line)["text"] for line in lines if line.strip()]
+        texts = []
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"cannot read {path}: line {number} is not JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'cannot read {path}: line {number} has no "text" string')
+            texts.append(record["text"])
+        return texts
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
+    try:
+        column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    return [t for t in column if t]
+
+
+def _file_text(path: Path) -> str:
+    """A corpus file's text; what it cannot be read for is one line naming it."""
+    try:
+        return "\n\n".join(_records(path)) if path.suffix in (".jsonl", ".parquet") else _read_text(path)
+    except (OSError, EOFError, UnicodeError, zlib.error) as error:  # gzip's bad or truncated data among them
+        raise ValueError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
 
 
 def _hub_corpus(name: str, split: str) -> str:
@@ -108,7 +132,7 @@ def load_corpus(spec: str, split: str = "test") -> str:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"unknown corpus {spec!r}: not a file, nor one of {', '.join(CORPUS_NAMES)}")
-        text = "\n\n".join(_records(path)) if path.suffix in (".jsonl", ".parquet") else _read_text(path)
+        text = _file_text(path)
     if not text.strip():
         raise ValueError(f"corpus {spec!r} is empty")
     return text

@@ -88,6 +88,18 @@ def write_model_files(
                 folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
             )
         tokenizer.save_pretrained(folder)
+        drop_remote_code(folder)
     (folder / "awqkit.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     if scales is not None:
         save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})
+
+
+def drop_remote_code(folder: Path) -> None:
+    """No ``auto_map`` in the written configs: the output loads with transformers' own classes, as
+    awqkit loaded the input, and never asks a user of it to run code (none is copied either)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            content = json.loads(path.read_text())
+            if isinstance(content, dict) and content.pop("auto_map", None) is not None:
+                path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")

@@ -21,15 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from awqkit.io.publish import MARKER
 from awqkit.workers import Workers
 
 log = logging.getLogger("awqkit")
 
 
 STATE = "awqkit-resume.json"
-
-
-MARKER = ".awqkit-partial"  # says the folder is a run's own, from creation until it is published
 
 
 def partial_folder(out: Path) -> Path:

@@ -44,6 +44,10 @@ def dtype_name(code: str) -> str:
     return str(DTYPES[code]).removeprefix("torch.") if code in DTYPES else code
 
 
+# The dtypes of weights awqkit reads as they are: float8 checkpoints are already quantized.
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+
+
 def dtype_bits(code: str) -> int:
     return DTYPES[code].itemsize * 8
 
@@ -188,6 +192,11 @@ class CheckpointFiles:
 
     def names(self) -> list[str]:
         return list(self.files)
+
+    def headers(self) -> dict[str, TensorHeader]:
+        """Each tensor's file, dtype and shape by the model's name, from the headers only."""
+        stored = tensor_headers(sorted(set(self.files.values())))
+        return {name: stored[key] for name, key in self.keys.items() if key in stored}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         return read_tensors(self.files, names, self.keys)

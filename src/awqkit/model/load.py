@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from awqkit.io.safetensors import INDEX, SINGLE, tensor_files
 from awqkit.model.shipped import resolve_shipped
 
 log = logging.getLogger("awqkit")
@@ -43,9 +45,6 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise FileNotFoundError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {first}") from None
 
 
-log = logging.getLogger("awqkit")
-
-
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -75,6 +74,23 @@ def check_no_custom_code(name_or_path: str | Path) -> None:
         raise ValueError(
             f"{config}: auto_map names custom code for model type {model_type!r}, which transformers does not "
             "know; awqkit never runs a model folder's code"
+        )
+
+
+def check_layer_count(folder: Path, config: Any, names: list[str]) -> None:
+    """Refuse, before building anything, a config asking for more layers than any list of layers in
+    the checkpoint holds (``model.layers.N.``, ``transformer.h.N.``): 20000 layers would take minutes
+    to build, only to find their weights missing."""
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    indices: dict[str, set[str]] = {}
+    for name in names:
+        found = re.match(r"(.*?)\.(\d+)\.", name)
+        if found:
+            indices.setdefault(found[1], set()).add(found[2])
+    stored = max(map(len, indices.values()), default=0)
+    if isinstance(layers, int) and layers > stored:
+        raise ValueError(
+            f"{folder / 'config.json'}: num_hidden_layers is {layers}, but the checkpoint holds at most {stored} layers"
         )
 
 
@@ -113,11 +129,15 @@ def load_checked_model(name_or_path: str, dtype: str = "auto") -> Any:
     transformers fills such tensors with random values and only warns: quantized or scored, that
     would be a model nobody saved.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_no_custom_code(name_or_path)
+    folder = Path(name_or_path).expanduser()
+    if (folder / "config.json").is_file() and ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        check_layer_count(folder, config, list(tensor_files(folder)))
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             name_or_path,

@@ -3,16 +3,19 @@ tensors read only when the walk reaches it, so memory holds one block whatever t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from awqkit.io.safetensors import CheckpointFiles
+from awqkit.io.safetensors import FLOAT_CODES, CheckpointFiles, dtype_name
 from awqkit.model.experts import linearize_experts
 from awqkit.model.layout import DecoderLayout, find_decoder
-from awqkit.model.load import check_no_custom_code
+from awqkit.model.load import check_layer_count, check_no_custom_code
+
+log = logging.getLogger("awqkit")
 
 
 def checkpoint_renaming(model: nn.Module) -> Callable[[str], str]:
@@ -44,24 +47,53 @@ class StreamedModel:
         self.files = CheckpointFiles(folder)
         self.dtype = dtype  # None: each tensor as stored
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        check_layer_count(folder, self.config, self.files.names())
         with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
             self.model: nn.Module = AutoModelForCausalLM.from_config(self.config)
         self.model.eval()
         linearize_experts(self.model)
         self.files.rename(checkpoint_renaming(self.model))
         self.layout: DecoderLayout = find_decoder(self.model)
-        self._check_names()
+        self._check_tensors()
+        self._warn_of_extra_layers()
 
-    def _check_names(self) -> None:
+    def _check_tensors(self) -> None:
+        """Every tensor the model holds is stored, in the shape the config gives it and, where the
+        model holds floats, as 16-, 32- or 64-bit floats: checked from the headers before any work."""
         tied = set(getattr(self.model, "_tied_weights_keys", None) or {}) if self.config.tie_word_embeddings else set()
-        expected = set(self.model.state_dict()) - tied
-        missing = sorted(expected - set(self.files.files))
+        expected = {name: t for name, t in self.model.state_dict().items() if name not in tied}
+        missing = sorted(set(expected) - set(self.files.files))
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise ValueError(
                 f"{self.folder}: the checkpoint lacks {shown}; awqkit streams checkpoints whose tensor names are "
                 "the model's own (re-save it with transformers' save_pretrained)"
             )
+        headers = self.files.headers()
+        for name, tensor in expected.items():
+            header, stored = headers[name], self.files.keys[name]
+            if header.shape != list(tensor.shape):
+                raise ValueError(
+                    f"{header.file}: {stored} has shape {header.shape}, but config.json makes it {list(tensor.shape)}"
+                )
+            if tensor.is_floating_point() and header.dtype not in FLOAT_CODES:
+                kind = "an already quantized checkpoint" if header.dtype.startswith("F8") else "not a float"
+                raise ValueError(
+                    f"{header.file}: {stored} is stored as {dtype_name(header.dtype)} ({kind}); awqkit quantizes "
+                    "float16, bfloat16 and float32 weights"
+                )
+
+    def _warn_of_extra_layers(self) -> None:
+        blocks = self.layout.blocks_name + "."
+        extra = sorted({int(name[len(blocks) :].split(".")[0]) for name in self.files.names()
+                        if name.startswith(blocks) and name[len(blocks) :].split(".")[0].isdigit()}
+                       - set(range(len(self.layout.blocks))))  # fmt: skip
+        if extra:
+            shown = f"{blocks}{extra[0]}" + (f" to {blocks}{extra[-1]}" if len(extra) > 1 else "")
+            log.warning(
+                "%s stores %s beyond config.json's %d layers: left out of the output",
+                self.folder, shown, len(self.layout.blocks),
+            )  # fmt: skip
 
     def block_prefix(self, index: int) -> str:
         return f"{self.layout.blocks_name}.{index}."

@@ -84,8 +84,8 @@ def _gguf_info(folder: Path, path: Path) -> CheckpointInfo:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+    except Exception as error:  # gguf's reader fails on garbage with whatever its parsing meets
+        raise ValueError(f"cannot read {path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
     quantized = [
         t for t in reader.tensors if t.tensor_type.name in ("Q4_1", "Q4_0", "Q8_0") and t.name.startswith("blk.")
     ]
