@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 from awqkit import __version__
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.data.tokens import calibration_data
+from awqkit.errors import UnsupportedModelError
 from awqkit.formats.folder import write_model_files
 from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
 from awqkit.formats.tensors import block_tensors, check_packable
@@ -39,6 +40,7 @@ from awqkit.io.resume import (
     unmark,
 )
 from awqkit.io.shards import ShardWriter
+from awqkit.model.discover import discover_architecture
 from awqkit.model.experts import has_experts, linearize_experts
 from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears
 from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
@@ -49,6 +51,7 @@ from awqkit.model.walk import (
     BlockState,
     BlockVisit,
     capture_block_inputs,
+    first_window_probe,
     search_token_indices,
     walk_blocks,
 )
@@ -98,6 +101,25 @@ def _module_names(config: QuantizeConfig, architecture: Architecture | None) -> 
     return architecture.modules
 
 
+def _discovered(layout: DecoderLayout, inputs: BlockInputs, start: int) -> Architecture:
+    """The scale groups of a model type the table does not list, found from block ``start`` (every
+    block has its structure), said in one line."""
+    if len({tuple(block_linears(block)) for block in layout.blocks}) > 1:
+        raise UnsupportedModelError(
+            "the decoder's blocks hold different linears (a hybrid model): shared scales are found for blocks "
+            "of one structure; use --scales per-linear"
+        )
+    architecture = discover_architecture(layout.blocks[start], first_window_probe(inputs, start))
+    folds = [f"{g.smooth} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
+    unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
+    log.info(
+        "scale groups found from the block: 1/s folds into %s%s",
+        "; ".join(folds) or "nothing",
+        f"; s = 1 for {'; '.join(unscaled)} (no op before them takes 1/s)" if unscaled else "",
+    )
+    return architecture
+
+
 def quantize_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -113,6 +135,8 @@ def quantize_blocks(
     workers: Workers = Workers(),
 ) -> None:
     """The one block walk: every block from ``start`` calibrated, searched, quantized, handed on."""
+    if config.scales == "shared" and architecture is None:
+        architecture = workers.broadcast(_discovered(layout, inputs, start) if workers.writes else None)
     n_tokens = sum(inputs.batch_tokens)
     steps = walk_blocks(
         layout,

@@ -3,7 +3,6 @@ import torch
 from conftest import fold_random_scales, tiny_model
 
 from awqkit.config import QuantizeConfig
-from awqkit.errors import UnsupportedModelError
 from awqkit.model.layout import find_decoder
 from awqkit.model.scale_groups import ARCHITECTURES, architecture_of
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
@@ -50,13 +49,15 @@ def test_gemma_norm_folds_through_one_plus_weight():
     assert torch.allclose(norm(x), expected, atol=1e-6)
 
 
-def test_unknown_architecture_is_refused_for_shared_scales_only():
-    model = tiny_model("llama")
-    model.config.model_type = "somethingnew"
-    with pytest.raises(UnsupportedModelError, match="per-linear"):
-        architecture_of(model)
-    ids = torch.randint(0, 49152, (2, 16))
-    quantize_model(model, ids, QuantizeConfig(group_size=16, n_grid=2), progress=False)  # per-linear still works
+def test_a_model_type_the_table_lacks_gets_the_tables_result_from_found_groups():
+    known, unknown = tiny_model("llama"), tiny_model("llama")
+    unknown.config.model_type = "somethingnew"
+    assert architecture_of(unknown) is None
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    config = QuantizeConfig(group_size=16, n_grid=2, scales="shared")
+    table, found = (quantize_model(m, ids, config, progress=False) for m in (known, unknown))
+    assert found.layers == table.layers and all(torch.equal(found.scales[n], table.scales[n]) for n in table.scales)
+    assert all(torch.equal(t, unknown.state_dict()[n]) for n, t in known.state_dict().items())
 
 
 def test_module_error_is_zero_for_the_original_weights():

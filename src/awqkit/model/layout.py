@@ -14,7 +14,7 @@ from awqkit.errors import UnsupportedModelError
 from awqkit.model.experts import router_names, router_parameters
 
 SUPPORTED = (
-    "decoder-only models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Qwen3, Gemma3) or fused experts "
+    "decoder-only models whose blocks use nn.Linear (and short convolutions, kept float) or fused experts "
     "awqkit knows (Mixtral, Qwen2-MoE, Qwen3-MoE)"
 )
 
@@ -62,6 +62,7 @@ def _check_block(block: nn.Module, model_name: str) -> None:
     # while the rest is quantized: refuse rather than half-quantize.
     in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     in_linears |= router_parameters(block)  # MoE routers stay float by design
+    in_linears |= {id(p) for m in block.modules() if isinstance(m, CONVOLUTIONS) for p in m.parameters()}
     others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
     if others:
         raise UnsupportedModelError(
@@ -69,6 +70,10 @@ def _check_block(block: nn.Module, model_name: str) -> None:
             f"such as fused mixture-of-experts weights, which awqkit does not quantize yet; supported: {SUPPORTED}"
         )
 
+
+# Convolutions inside blocks (LFM2's and Mamba's short convolutions) stay float, as every other
+# parameter that is not a linear's: their weights are a sliver of the block's.
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 # Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert.
 FLOAT_LINEARS = ("shared_expert_gate",)

@@ -1,7 +1,8 @@
 """Which linears share one input and where their shared scales fold: architectures as data.
 
 A ``ScaleGroup`` names the linears reading one tensor and the op producing it; ``ARCHITECTURES``
-lists them per model type, and ``Architecture.groups`` adds a mixture-of-experts block's groups.
+lists them per model type (the fast path; other types' groups are found from the block by
+awqkit.model.discover), and ``Architecture.groups`` adds a mixture-of-experts block's groups.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from awqkit.errors import UnsupportedModelError
 from awqkit.model.experts import EXPERT_NAMES, ExpertNames, LinearExperts
 from awqkit.model.layout import block_linears
 
@@ -122,15 +122,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def architecture_of(model: nn.Module) -> Architecture:
-    """Where shared scales fold, from the model type: needed for ``--scales shared``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"shared scales need to know where scales fold, which awqkit knows for {', '.join(sorted(ARCHITECTURES))}, "
-            f"not {model_type!r}; use --scales per-linear"
-        )
-    return ARCHITECTURES[model_type]
+def architecture_of(model: nn.Module) -> Architecture | None:
+    """Where shared scales fold, from the table for the model type; None for a type the table does
+    not list (its groups are then found from the block: awqkit.model.discover)."""
+    return ARCHITECTURES.get(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def per_linear_groups(block: nn.Module) -> tuple[ScaleGroup, ...]:

@@ -87,11 +87,12 @@ def window_count(inputs: BlockArgs) -> int:
     return (args[0] if args else kwargs["hidden_states"]).shape[0]
 
 
-def window_of(inputs: BlockArgs, window: int) -> BlockArgs:
+def window_of(inputs: BlockArgs, window: int, n: int | None = None) -> BlockArgs:
     """A module's recorded inputs for one calibration window: every tensor of at least two
-    dimensions whose first is the batch (hidden states, rotary cos/sin, a 4-D mask) cut to that
-    window; the rest (cache positions, shared masks of batch 1, None) as recorded."""
-    n = window_count(inputs)
+    dimensions whose first is the batch of ``n`` windows (hidden states, rotary cos/sin, a 4-D
+    mask) cut to that window; the rest (cache positions, shared masks of batch 1, None) as recorded.
+    ``n`` defaults to the batch size of the hidden states among the inputs."""
+    n = window_count(inputs) if n is None else n
 
     def cut(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -128,6 +129,31 @@ def moved(value: Any, device: torch.device | str) -> Any:
         return type(value)(moved(v, device) for v in value)
     if isinstance(value, dict):
         return {k: moved(v, device) for k, v in value.items()}
+    return value
+
+
+def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Module], torch.Tensor]:
+    """Runs a block, in float32 on the CPU, on the first calibration window entering block ``index``
+    (held by this worker) with that block's own arguments: what scale-group discovery probes."""
+    hidden = inputs.hidden[0]
+    args, kwargs = moved(window_of(inputs.args[index][0], 0, hidden.shape[0]), "cpu")
+    as_float = _floats_to_float32((hidden[:1].cpu(), args, kwargs))
+
+    def probe(block: nn.Module) -> torch.Tensor:
+        h, a, k = as_float
+        out = block(h, *a, **k)
+        return out[0] if isinstance(out, tuple) else out
+
+    return probe
+
+
+def _floats_to_float32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_floats_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _floats_to_float32(v) for k, v in value.items()}
     return value
 
 

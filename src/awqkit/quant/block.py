@@ -46,6 +46,7 @@ class LayerRecord:
     clip: float | None = None  # the mean range ratio kept over the layer's groups (--clip)
     clipped: float | None = None  # the share of its groups clipped (--clip)
     fallback: str | None = None  # "rtn": too few calibration tokens to search (alpha 0, error None)
+    folded_into: str | None = None  # shared scales: the op 1/s folded into (None: s = 1 on the grid)
 
 
 @dataclass
@@ -195,7 +196,9 @@ def _round_to_nearest(w: torch.Tensor, config: QuantizeConfig, rows: RowShare) -
     return SearchResult(0.0, torch.ones_like(w[0]), gather_quantized(rows, part, n_rows), math.nan, [])
 
 
-def _record(result: SearchResult, flips: int | None, rows: slice, fallback: str | None) -> LayerRecord:
+def _record(
+    result: SearchResult, flips: int | None, rows: slice, fallback: str | None, folded_into: str | None
+) -> LayerRecord:
     clip = None if result.clip is None else result.clip[rows]
     return LayerRecord(
         result.alpha,
@@ -207,6 +210,7 @@ def _record(result: SearchResult, flips: int | None, rows: slice, fallback: str 
         None if clip is None else float(clip.double().mean()),
         None if clip is None else float((clip < 1).double().mean()),
         fallback,
+        folded_into,
     )
 
 
@@ -275,7 +279,9 @@ def quantize_block(
             flips = None if flipped is None else int(flipped.split(sizes)[i].sum())
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
-            record = _record(result, flips, slice(starts[i], starts[i] + sizes[i]), fallback)
+            record = _record(
+                result, flips, slice(starts[i], starts[i] + sizes[i]), fallback, group.smooth if folds else None
+            )
             done[name] = (
                 QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None),
                 weight,

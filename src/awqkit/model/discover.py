@@ -1,0 +1,148 @@
+"""Scale groups found from the block itself, for model types the table does not list.
+
+The block runs once on a probe input with hooks: linears that read the very same tensor form a
+group, and the op that produced that tensor is the candidate to take 1/s (a norm, or a linear
+whose output reaches the readers only through elementwise ops, tried nearest first). A fold is
+accepted only when the block, with random weights in float32, computes the same function after
+folding a random s into it; a norm that multiplies by (1 + weight) is found by that test too,
+not by its name. A group whose producer cannot take 1/s folds nowhere (s = 1 in the deployable
+form).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from awqkit.model.layout import block_linears
+from awqkit.model.scale_groups import Architecture, ScaleGroup
+from awqkit.quant.fold import fold_scales
+
+# The block's output on the probe input, for a given copy of the block.
+Probe = Callable[[nn.Module], torch.Tensor]
+
+# Relative to the output's largest magnitude: float32 rounding of a true fold stays near 1e-6; a
+# wrong one changes the output by order one.
+TOLERANCE = 1e-4
+NORM_OFFSETS = (0.0, 1.0)  # weight, or (1 + weight) as Gemma's norms multiply
+
+
+def random_copy(block: nn.Module, seed: int = 0) -> nn.Module:
+    """``block`` in float32 on the CPU with random weights (a streamed block's are on the meta
+    device): linear weights ~ N(0, 1/in), vectors (norm weights, biases) uniform in [0.5, 1.5]."""
+    g = torch.Generator().manual_seed(seed)
+    probe = copy.deepcopy(block)
+    for module in probe.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() >= 2:
+                value = torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5
+            else:
+                value = torch.rand(param.shape, generator=g) + 0.5
+            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and (buffer.is_meta or buffer.is_floating_point()):
+                module._buffers[name] = torch.zeros(buffer.shape) if buffer.is_meta else buffer.float().cpu()
+    return probe.float().eval()
+
+
+def _readers_and_producers(block: nn.Module, probe: Probe) -> tuple[list[tuple[list[str], str | None]], set[str]]:
+    """Groups of linears reading one tensor, in the order they first run, each with the module
+    whose output that tensor is (None when no module's output is it); and the linears that ran."""
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    inputs: list[tuple[str, torch.Tensor]] = []
+    outputs: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda m, args, name=name: inputs.append((name, args[0])))
+        for name, m in linears.items()
+    ]
+    handles += [
+        m.register_forward_hook(lambda m, args, out, name=name: outputs.append((name, out)))
+        for name, m in block.named_modules()
+        if name
+    ]
+    try:
+        with torch.no_grad():
+            probe(block)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[list[str], torch.Tensor]] = []
+    for name, tensor in inputs:
+        group = next((g for g in groups if g[1] is tensor), None)
+        if group is None:
+            groups.append(([name], tensor))
+        elif name not in group[0]:
+            group[0].append(name)
+    found = []
+    for names, tensor in groups:
+        producer = next((name for name, out in outputs if out is tensor), None)
+        found.append((names, producer))
+    return found, {name for name, _ in inputs}
+
+
+def _folds(block: nn.Module, probe: Probe, group: ScaleGroup, norm_offset: float, seed: int) -> bool:
+    """Whether folding a random s into ``group`` leaves the block's function unchanged."""
+    width = block.get_submodule(group.balance[0]).in_features
+    s = torch.exp(torch.rand(width, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
+    folded = copy.deepcopy(block)
+    try:
+        fold_scales(folded, group, s, norm_offset)
+    except ValueError:  # not a per-channel weight
+        return False
+    with torch.no_grad():
+        before, after = probe(block), probe(folded)
+    return bool((after - before).abs().max() <= TOLERANCE * before.abs().max())
+
+
+def _enclosing(names: list[str]) -> str | None:
+    """The innermost submodule holding every linear of a group of several (the attention for q, k,
+    v): what the module objective compares. None for one linear, or when only the block holds all."""
+    if len(names) < 2:
+        return None
+    parts = [name.split(".")[:-1] for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or None
+
+
+def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Architecture:
+    """The scale groups of ``block`` (any weights; a random copy is probed) and its norms' offset."""
+    work = random_copy(block, seed)
+    quantized = set(block_linears(work))
+    readers, ran = _readers_and_producers(work, probe)
+    missing = sorted(quantized - ran)
+    if missing:
+        raise ValueError(f"the probe never ran {', '.join(missing)}: their scale groups cannot be found")
+    order = [name for names, _ in readers for name in names]
+    modules = dict(work.named_modules())
+    groups, offsets = [], []
+    for names, producer in readers:
+        balance = tuple(n for n in names if n in quantized)
+        if not balance:
+            continue
+        group = ScaleGroup(None, balance, _enclosing(list(balance)), tuple(n for n in names if n not in quantized))
+        width = modules[balance[0]].in_features
+        # The producer itself, else linears of the right width that ran before, nearest first.
+        before = order[: order.index(names[0])]
+        candidates = [producer] if producer is not None else []
+        candidates += [n for n in reversed(before) if n != producer and modules[n].out_features == width]
+        for smooth in candidates:
+            is_norm = not isinstance(modules[smooth], nn.Linear)
+            tried = [o for o in (offsets or NORM_OFFSETS) if is_norm] or [0.0]
+            offset = next((o for o in tried if _folds(work, probe, _with_smooth(group, smooth), o, seed)), None)
+            if offset is not None:
+                group = _with_smooth(group, smooth)
+                offsets += [offset] if is_norm and not offsets else []
+                break
+        groups.append(group)
+    return Architecture(tuple(groups), norm_offset=offsets[0] if offsets else 0.0)
+
+
+def _with_smooth(group: ScaleGroup, smooth: str) -> ScaleGroup:
+    return ScaleGroup(smooth, group.balance, group.module, group.compensate)

@@ -1,0 +1,116 @@
+"""Scale groups found from the block reproduce the table, and fold only where the function stays."""
+
+import json
+
+import pytest
+import torch
+from conftest import output_hashes, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import awqkit.model.scale_groups
+from awqkit.cli import main
+from awqkit.model.discover import discover_architecture
+from awqkit.model.layout import find_decoder
+from awqkit.model.scale_groups import ARCHITECTURES, ScaleGroup, foldable
+from awqkit.model.walk import capture_block_inputs, first_window_probe
+
+FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-tokens", "128", "--group-size", "16"]
+
+
+def _discovered(model: torch.nn.Module):
+    layout = find_decoder(model)
+    inputs = capture_block_inputs(layout, torch.randint(0, 400, (2, 16)), 2, torch.float32)
+    return discover_architecture(layout.blocks[0], first_window_probe(inputs)), layout.blocks[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_discovery_reproduces_the_table(model_type):
+    architecture, block = _discovered(tiny_model(model_type))
+    table = ARCHITECTURES[model_type]
+    # The table names v_proj for o_proj even where grouped-query attention keeps it from folding.
+    expected = tuple(g if foldable(g, block) else ScaleGroup(None, g.balance, g.module) for g in table.scale_groups)
+    assert architecture.scale_groups == expected
+    assert architecture.norm_offset == table.norm_offset
+
+
+def _tiny(model_type: str, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    params = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    params |= dict(num_hidden_layers=2, vocab_size=512, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**params, **overrides})).eval()
+
+
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# Model types outside the table: (where 1/s folds -> its readers, norms' offset).
+BEYOND_THE_TABLE = {
+    # (1 + weight) norms, found by behaviour
+    "gemma2": ({"input_layernorm": ATTENTION, "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"), "mlp.up_proj": ("mlp.down_proj",)}, 1.0),
+    # attention and MLP in parallel, reading one norm
+    "cohere": ({"input_layernorm": (*ATTENTION, "mlp.gate_proj", "mlp.up_proj"), "mlp.up_proj": ("mlp.down_proj",)}, 0.0),
+    # a LayerNorm with bias; v_proj -> out_proj without grouped-query attention; 1/s through ReLU
+    "opt": ({"self_attn_layer_norm": ATTENTION, "self_attn.v_proj": ("self_attn.out_proj",), "final_layer_norm": ("fc1",), "fc1": ("fc2",)}, 0.0),
+    # norms after attention and MLP: q, k, v read the block's input, which no op of the block makes
+    "olmo2": ({"mlp.up_proj": ("mlp.down_proj",)}, 0.0),
+    # fused qkv and gate_up projections; o_proj and down_proj keep s = 1
+    "phi3": ({"input_layernorm": ("self_attn.qkv_proj",), "post_attention_layernorm": ("mlp.gate_up_proj",)}, 0.0),
+    # GELU between the MLP's linears: folding into the first would change the function
+    "gpt_neox": ({"input_layernorm": ("attention.query_key_value",), "post_attention_layernorm": ("mlp.dense_h_to_4h",)}, 0.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", BEYOND_THE_TABLE)
+def test_discovery_folds_exactly_where_the_block_computes_the_same_function(model_type):
+    architecture, block = _discovered(_tiny(model_type))
+    folds, offset = BEYOND_THE_TABLE[model_type]
+    assert {g.smooth: g.balance for g in architecture.scale_groups if g.smooth} == folds
+    assert architecture.norm_offset == offset
+    covered = sorted(name for g in architecture.scale_groups for name in g.balance)
+    assert covered == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_discovered_groups_give_the_table_runs_bytes(tiny_llama_dir, calib_text, tmp_path, monkeypatch):
+    args = ["--quiet", "quantize", str(tiny_llama_dir), "--calib-data", str(calib_text), *FAST]
+    shared = ["--scales", "shared", "--format", "compressed-tensors", "--rounding", "greedy", "--objective", "module"]
+    assert main([*args, "--out", str(tmp_path / "table"), *shared]) == 0
+    monkeypatch.setattr(awqkit.model.scale_groups, "ARCHITECTURES", {})
+    assert main([*args, "--out", str(tmp_path / "found"), *shared]) == 0
+    assert output_hashes(tmp_path / "found") == output_hashes(tmp_path / "table")
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "opt"])
+def test_a_model_type_beyond_the_table_deploys_with_its_function_kept(model_type, tokenizer, calib_text, tmp_path):
+    model = _tiny(model_type, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--quiet", "quantize", str(tmp_path / "model"), "--out", str(out), "--calib-data", str(calib_text)]
+    assert main([*args, *FAST, "--scales", "shared", "--bits", "8"]) == 0
+    records = json.loads((out / "awqkit.json").read_text())["layers"]
+    assert sum(r["folded_into"] is not None for r in records.values()) >= len(records) / 2
+    quantized = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, len(tokenizer), (1, 32))
+    with torch.no_grad():
+        before, after = model(ids).logits, quantized(ids).logits
+    # 8 bits with every fold in place: a fold that changed the function would be of order one.
+    assert (after - before).norm() / before.norm() < 0.03
+
+
+def test_blocks_of_different_structure_are_refused_for_shared_scales(tokenizer, calib_text, tmp_path, capsys):
+    """LFM2 with a short-convolution block and an attention block: one line, nothing written."""
+    model = _tiny("lfm2", vocab_size=len(tokenizer), layer_types=["conv", "full_attention"])
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    args = [
+        "--quiet",
+        "quantize",
+        str(tmp_path / "model"),
+        "--out",
+        str(tmp_path / "out"),
+        "--calib-data",
+        str(calib_text),
+    ]
+    assert main([*args, *FAST, "--scales", "shared"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different linears" in err[0] and "--scales per-linear" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert main([*args, *FAST]) == 0  # the per-linear form quantizes every linear of both kinds
