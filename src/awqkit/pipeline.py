@@ -110,7 +110,7 @@ def _discovered(layout: DecoderLayout, inputs: BlockInputs, start: int) -> Archi
             "of one structure; use --scales per-linear"
         )
     architecture = discover_architecture(layout.blocks[start], first_window_probe(inputs, start))
-    folds = [f"{g.smooth} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
+    folds = [f"{g.folds_into} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
     unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
     log.info(
         "scale groups found from the block: 1/s folds into %s%s",

@@ -51,8 +51,8 @@ BEYOND_THE_TABLE = {
     "opt": ({"self_attn_layer_norm": ATTENTION, "self_attn.v_proj": ("self_attn.out_proj",), "final_layer_norm": ("fc1",), "fc1": ("fc2",)}, 0.0),
     # norms after attention and MLP: q, k, v read the block's input, which no op of the block makes
     "olmo2": ({"mlp.up_proj": ("mlp.down_proj",)}, 0.0),
-    # fused qkv and gate_up projections; o_proj and down_proj keep s = 1
-    "phi3": ({"input_layernorm": ("self_attn.qkv_proj",), "post_attention_layernorm": ("mlp.gate_up_proj",)}, 0.0),
+    # fused qkv and gate_up projections: down_proj's 1/s folds into up's half of gate_up's rows
+    "phi3": ({"input_layernorm": ("self_attn.qkv_proj",), "post_attention_layernorm": ("mlp.gate_up_proj",), "mlp.gate_up_proj[96:192]": ("mlp.down_proj",)}, 0.0),
     # GELU between the MLP's linears: folding into the first would change the function
     "gpt_neox": ({"input_layernorm": ("attention.query_key_value",), "post_attention_layernorm": ("mlp.dense_h_to_4h",)}, 0.0),
 }  # fmt: skip
@@ -62,7 +62,7 @@ BEYOND_THE_TABLE = {
 def test_discovery_folds_exactly_where_the_block_computes_the_same_function(model_type):
     architecture, block = _discovered(_tiny(model_type))
     folds, offset = BEYOND_THE_TABLE[model_type]
-    assert {g.smooth: g.balance for g in architecture.scale_groups if g.smooth} == folds
+    assert {g.folds_into: g.balance for g in architecture.scale_groups if g.smooth} == folds
     assert architecture.norm_offset == offset
     covered = sorted(name for g in architecture.scale_groups for name in g.balance)
     assert covered == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))

@@ -155,3 +155,13 @@ def test_fold_normalizer_centres_plain_folds_and_caps_offset_norms_at_one():
     assert fold_normalizer(norm, s) == pytest.approx(c)  # a plain norm: the same
     assert fold_normalizer(norm, s, norm_offset=1.0) == pytest.approx(1e3)  # (1 + w) norm: s / c <= 1
     assert fold_normalizer(linear, s, norm_offset=1.0) == pytest.approx(c)  # the offset is a norm's only
+
+
+def test_a_fold_into_part_of_a_fused_linear_divides_those_rows_only():
+    fused = torch.nn.Linear(8, 12, bias=True)
+    x, s = torch.randn(3, 8), torch.rand(4) + 0.5
+    expected = fused(x).detach().clone()
+    expected[:, 4:8] /= s
+    with torch.no_grad():
+        divide_output(fused, s, rows=(4, 8))
+    assert torch.allclose(fused(x), expected, atol=1e-6)

@@ -128,21 +128,25 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
             continue
         group = ScaleGroup(None, balance, _enclosing(list(balance)), tuple(n for n in names if n not in quantized))
         width = modules[balance[0]].in_features
-        # The producer itself, else linears of the right width that ran before, nearest first.
+        # The producer itself, else the linears that ran before, nearest first: each block of
+        # ``width`` rows of one (all of it, or a part of a fused projection), last block first.
         before = order[: order.index(names[0])]
-        candidates = [producer] if producer is not None else []
-        candidates += [n for n in reversed(before) if n != producer and modules[n].out_features == width]
-        for smooth in candidates:
+        candidates = [(producer, None)] if producer is not None else []
+        for name in reversed(before):
+            rows = modules[name].out_features
+            if name != producer and rows % width == 0:
+                parts = rows // width
+                candidates += [
+                    (name, None if parts == 1 else (p * width, (p + 1) * width)) for p in reversed(range(parts))
+                ]
+        for smooth, rows in candidates:
             is_norm = not isinstance(modules[smooth], nn.Linear)
             tried = [o for o in (offsets or NORM_OFFSETS) if is_norm] or [0.0]
-            offset = next((o for o in tried if _folds(work, probe, _with_smooth(group, smooth), o, seed)), None)
+            folded = ScaleGroup(smooth, group.balance, group.module, group.compensate, rows)
+            offset = next((o for o in tried if _folds(work, probe, folded, o, seed)), None)
             if offset is not None:
-                group = _with_smooth(group, smooth)
+                group = folded
                 offsets += [offset] if is_norm and not offsets else []
                 break
         groups.append(group)
     return Architecture(tuple(groups), norm_offset=offsets[0] if offsets else 0.0)
-
-
-def _with_smooth(group: ScaleGroup, smooth: str) -> ScaleGroup:
-    return ScaleGroup(smooth, group.balance, group.module, group.compensate)

@@ -36,6 +36,16 @@ class ScaleGroup:
     # Other readers of the same tensor that stay float (a MoE router): their columns are multiplied
     # by s too, so that they compute the same function after the fold.
     compensate: tuple[str, ...] = ()
+    # The rows [start, stop) of a fused ``smooth`` linear that make the balance input (Phi-3's
+    # down_proj reads act(gate) * up, up being the second half of gate_up_proj's rows); None: all.
+    smooth_rows: tuple[int, int] | None = None
+
+    @property
+    def folds_into(self) -> str | None:
+        """Where 1/s goes, as records name it (``mlp.gate_up_proj[96:192]`` for part of a linear)."""
+        if self.smooth is None or self.smooth_rows is None:
+            return self.smooth
+        return f"{self.smooth}[{self.smooth_rows[0]}:{self.smooth_rows[1]}]"
 
 
 @dataclass(frozen=True)
@@ -139,4 +149,5 @@ def foldable(group: ScaleGroup, block: nn.Module) -> bool:
         return False
     smooth = block.get_submodule(group.smooth)
     width = block.get_submodule(group.balance[0]).in_features
-    return not isinstance(smooth, nn.Linear) or smooth.out_features == width
+    rows = group.smooth_rows[1] - group.smooth_rows[0] if group.smooth_rows else getattr(smooth, "out_features", 0)
+    return not isinstance(smooth, nn.Linear) or rows == width

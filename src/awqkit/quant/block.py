@@ -280,7 +280,7 @@ def quantize_block(
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
             record = _record(
-                result, flips, slice(starts[i], starts[i] + sizes[i]), fallback, group.smooth if folds else None
+                result, flips, slice(starts[i], starts[i] + sizes[i]), fallback, group.folds_into if folds else None
             )
             done[name] = (
                 QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None),

@@ -15,12 +15,16 @@ from awqkit.model.scale_groups import ScaleGroup
 
 
 @torch.no_grad()
-def divide_output(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> None:
-    """Make ``smooth`` produce its old output divided by s, channel by channel."""
+def divide_output(
+    smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0, rows: tuple[int, int] | None = None
+) -> None:
+    """Make ``smooth`` produce its old output divided by s, channel by channel (a linear's ``rows``
+    only, when given)."""
     if isinstance(smooth, nn.Linear):
-        smooth.weight.div_(s[:, None].to(smooth.weight.dtype))
+        part = slice(*rows) if rows else slice(None)
+        smooth.weight[part].div_(s[:, None].to(smooth.weight.dtype))
         if smooth.bias is not None:
-            smooth.bias.div_(s.to(smooth.bias.dtype))
+            smooth.bias[part].div_(s.to(smooth.bias.dtype))
         return
     weight = getattr(smooth, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
@@ -54,7 +58,7 @@ def fold_normalizer(smooth: nn.Module, s: torch.Tensor, norm_offset: float = 0.0
 def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Scale the balance linears' (and compensated readers') columns by s and fold 1/s into the
     smooth op: the same function."""
-    divide_output(block.get_submodule(group.smooth), s, norm_offset)
+    divide_output(block.get_submodule(group.smooth), s, norm_offset, group.smooth_rows)
     for name in (*group.balance, *group.compensate):
         weight = block.get_submodule(name).weight
         weight.mul_(s[None, :].to(weight.dtype))
