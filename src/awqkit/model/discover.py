@@ -83,8 +83,10 @@ def _readers_and_producers(block: nn.Module, probe: Probe) -> tuple[list[tuple[l
     return found, {name for name, _ in inputs}
 
 
-def _folds(block: nn.Module, probe: Probe, group: ScaleGroup, norm_offset: float, seed: int) -> bool:
-    """Whether folding a random s into ``group`` leaves the block's function unchanged."""
+def _folds(
+    block: nn.Module, probe: Probe, reference: torch.Tensor, group: ScaleGroup, norm_offset: float, seed: int
+) -> bool:
+    """Whether folding a random s into ``group`` leaves the block's output (``reference``) unchanged."""
     width = block.get_submodule(group.balance[0]).in_features
     s = torch.exp(torch.rand(width, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
     folded = copy.deepcopy(block)
@@ -93,8 +95,8 @@ def _folds(block: nn.Module, probe: Probe, group: ScaleGroup, norm_offset: float
     except ValueError:  # not a per-channel weight
         return False
     with torch.no_grad():
-        before, after = probe(block), probe(folded)
-    return bool((after - before).abs().max() <= TOLERANCE * before.abs().max())
+        after = probe(folded)
+    return bool((after - reference).abs().max() <= TOLERANCE * reference.abs().max())
 
 
 def _enclosing(names: list[str]) -> str | None:
@@ -120,6 +122,8 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
     if missing:
         raise ValueError(f"the probe never ran {', '.join(missing)}: their scale groups cannot be found")
     order = [name for names, _ in readers for name in names]
+    with torch.no_grad():
+        reference = probe(work)
     modules = dict(work.named_modules())
     groups, offsets = [], []
     for names, producer in readers:
@@ -143,7 +147,7 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
             is_norm = not isinstance(modules[smooth], nn.Linear)
             tried = [o for o in (offsets or NORM_OFFSETS) if is_norm] or [0.0]
             folded = ScaleGroup(smooth, group.balance, group.module, group.compensate, rows)
-            offset = next((o for o in tried if _folds(work, probe, folded, o, seed)), None)
+            offset = next((o for o in tried if _folds(work, probe, reference, folded, o, seed)), None)
             if offset is not None:
                 group = folded
                 offsets += [offset] if is_norm and not offsets else []
