@@ -19,6 +19,7 @@ import torch
 
 from awqkit.io.safetensors import TensorHeader, checkpoint_files, dtype_name, read_tensors, tensor_headers
 from awqkit.markdown import markdown_table
+from awqkit.model.load import check_no_custom_code
 
 log = logging.getLogger("awqkit")
 
@@ -191,6 +192,8 @@ def _load(header: TensorHeader, name: str) -> torch.Tensor:
 
 def diff_checkpoints(a: str | Path, b: str | Path) -> CheckpointDiff:
     """Compare every tensor of checkpoints ``a`` and ``b``, in the order of ``a``'s model."""
+    for path in (a, b):
+        check_no_custom_code(path)
     where_a, where_b = tensor_headers(checkpoint_files(a)), tensor_headers(checkpoint_files(b))
     folders = [Path(p).expanduser() for p in (a, b)]
     order = next((o for o in (model_order(f) for f in folders if f.is_dir()) if o), {})

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from awqkit.io.safetensors import TensorHeader, checkpoint_files, dtype_bits, tensor_headers
+from awqkit.model.load import check_no_custom_code
 
 LOADERS = {
     "awq": "transformers (with gptqmodel installed) and vLLM (awq, awq_marlin on capable GPUs)",
@@ -108,6 +109,7 @@ def checkpoint_info(folder: str | Path) -> CheckpointInfo:
         return _gguf_info(folder, folder / "model.gguf")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"not a model folder (no config.json): {folder}")
+    check_no_custom_code(folder)
     config = _read_json(folder / "config.json")
     record_path = folder / "awqkit.json"
     record = _read_json(record_path) if record_path.is_file() else None
