@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 import transformers
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from awqkit import __version__
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.data.tokens import calibration_data
-from awqkit.errors import UnsupportedModelError
 from awqkit.formats.folder import write_model_files
 from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
 from awqkit.formats.tensors import block_tensors, check_packable
@@ -44,7 +44,7 @@ from awqkit.model.discover import discover_architecture
 from awqkit.model.experts import has_experts, linearize_experts
 from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears
 from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
-from awqkit.model.scale_groups import Architecture, ScaleGroup, architecture_of, per_linear_groups
+from awqkit.model.scale_groups import Architecture, architecture_of, per_linear_groups
 from awqkit.model.streamed import StreamedModel
 from awqkit.model.walk import (
     BlockInputs,
@@ -88,36 +88,35 @@ class QuantizeResult:
     blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _scale_groups(config: QuantizeConfig, architecture: Architecture | None) -> Callable[[Any], tuple[ScaleGroup, ...]]:
-    if architecture is None:
-        return per_linear_groups
-    return architecture.groups
-
-
-def _module_names(config: QuantizeConfig, architecture: Architecture | None) -> list[str]:
-    """Submodules whose inputs the module objective needs recorded."""
-    if architecture is None or config.objective != "module":
+def _module_names(config: QuantizeConfig, architectures: list[Architecture] | None) -> list[str]:
+    """Submodules whose inputs the module objective needs recorded (in the blocks that have them)."""
+    if architectures is None or config.objective != "module":
         return []
-    return architecture.modules
+    return list(dict.fromkeys(name for architecture in architectures for name in architecture.modules))
 
 
-def _discovered(layout: DecoderLayout, inputs: BlockInputs, start: int) -> Architecture:
-    """The scale groups of a model type the table does not list, found from block ``start`` (every
-    block has its structure), said in one line."""
-    if len({tuple(block_linears(block)) for block in layout.blocks}) > 1:
-        raise UnsupportedModelError(
-            "the decoder's blocks hold different linears (a hybrid model): shared scales are found for blocks "
-            "of one structure; use --scales per-linear"
-        )
-    architecture = discover_architecture(layout.blocks[start], first_window_probe(inputs, start))
-    folds = [f"{g.folds_into} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
-    unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
-    log.info(
-        "scale groups found from the block: 1/s folds into %s%s",
-        "; ".join(folds) or "nothing",
-        f"; s = 1 for {'; '.join(unscaled)} (no op before them takes 1/s)" if unscaled else "",
-    )
-    return architecture
+def _structure(block: nn.Module) -> tuple:
+    return tuple((name, tuple(linear.weight.shape)) for name, linear in block_linears(block).items())
+
+
+def _discovered(layout: DecoderLayout, inputs: BlockInputs) -> list[Architecture]:
+    """Each block's scale groups for a model type the table does not list, found once per block
+    structure (a hybrid decoder holds several), each said in one line."""
+    found: dict[tuple, Architecture] = {}
+    for index, block in enumerate(layout.blocks):
+        structure = _structure(block)
+        if structure in found:
+            continue
+        found[structure] = architecture = discover_architecture(block, first_window_probe(inputs, index))
+        folds = [f"{g.folds_into} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
+        unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
+        alike = sum(_structure(other) == structure for other in layout.blocks) - 1
+        log.info(
+            "scale groups found from block %d%s: 1/s folds into %s%s",
+            index, f" (and {alike} like it)" if alike else "", "; ".join(folds) or "nothing",
+            f"; s = 1 for {'; '.join(unscaled)} (no op before them takes 1/s)" if unscaled else "",
+        )  # fmt: skip
+    return [found[_structure(block)] for block in layout.blocks]
 
 
 def quantize_blocks(
@@ -135,8 +134,12 @@ def quantize_blocks(
     workers: Workers = Workers(),
 ) -> None:
     """The one block walk: every block from ``start`` calibrated, searched, quantized, handed on."""
-    if config.scales == "shared" and architecture is None:
-        architecture = workers.broadcast(_discovered(layout, inputs, start) if workers.writes else None)
+    architectures = None  # per block; None: per-linear groups
+    if config.scales == "shared":
+        if architecture is not None:
+            architectures = [architecture] * len(layout.blocks)
+        else:
+            architectures = workers.broadcast(_discovered(layout, inputs) if workers.writes else None)
     n_tokens = sum(inputs.batch_tokens)
     steps = walk_blocks(
         layout,
@@ -144,14 +147,12 @@ def quantize_blocks(
         search_indices=search_token_indices(n_tokens, config.max_search_tokens, config.seed),
         compute_dtype=getattr(torch, config.compute_dtype),
         device=device,
-        record_modules=_module_names(config, architecture),
+        record_modules=_module_names(config, architectures),
         block_state=block_state,
         start=start,
         workers=workers,
         every_token=config.moe_calibration == "all",
     )
-    groups = _scale_groups(config, architecture)
-    norm_offset = architecture.norm_offset if architecture is not None else 0.0
     bar = tqdm(total=len(layout.blocks), initial=start, desc="blocks", unit="block", disable=not progress)
     while True:
         began = time.perf_counter()
@@ -161,11 +162,12 @@ def quantize_blocks(
         if visit is None:
             break
         with timed(timings, "search"):
+            own = architectures[visit.index] if architectures is not None else None
             results = quantize_block(
                 visit,
-                groups(visit.block),
+                own.groups(visit.block) if own is not None else per_linear_groups(visit.block),
                 config,
-                norm_offset=norm_offset,
+                norm_offset=own.norm_offset if own is not None else 0.0,
                 timings=timings,
                 progress=progress,
                 rows=workers,

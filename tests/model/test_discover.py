@@ -1,6 +1,7 @@
 """Scale groups found from the block reproduce the table, and fold only where the function stays."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -95,22 +96,23 @@ def test_a_model_type_beyond_the_table_deploys_with_its_function_kept(model_type
     assert (after - before).norm() / before.norm() < 0.03
 
 
-def test_blocks_of_different_structure_are_refused_for_shared_scales(tokenizer, calib_text, tmp_path, capsys):
-    """LFM2 with a short-convolution block and an attention block: one line, nothing written."""
+def test_a_hybrid_decoder_gets_groups_found_for_each_block_structure(tokenizer, calib_text, tmp_path, caplog):
+    """LFM2 with a short-convolution block and an attention block: each kind its own groups; the
+    convolution stays float; the function is kept at 8 bits."""
     model = _tiny("lfm2", vocab_size=len(tokenizer), layer_types=["conv", "full_attention"])
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    args = [
-        "--quiet",
-        "quantize",
-        str(tmp_path / "model"),
-        "--out",
-        str(tmp_path / "out"),
-        "--calib-data",
-        str(calib_text),
-    ]
-    assert main([*args, *FAST, "--scales", "shared"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different linears" in err[0] and "--scales per-linear" in err[0], err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    assert main([*args, *FAST]) == 0  # the per-linear form quantizes every linear of both kinds
+    out = tmp_path / "out"
+    args = ["quantize", str(tmp_path / "model"), "--out", str(out), "--calib-data", str(calib_text)]
+    with caplog.at_level(logging.INFO, logger="awqkit"):
+        assert main([*args, *FAST, "--scales", "shared", "--objective", "module", "--bits", "8"]) == 0
+    found = [r.getMessage() for r in caplog.records if "scale groups found" in r.getMessage()]
+    assert len(found) == 2 and "block 0:" in found[0] and "block 1:" in found[1]
+    records = json.loads((out / "awqkit.json").read_text())["layers"]
+    assert {"model.layers.0.conv.in_proj", "model.layers.1.self_attn.q_proj"} <= set(records)
+    quantized = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(quantized.model.layers[0].conv.conv.weight, model.model.layers[0].conv.conv.weight)
+    ids = torch.randint(0, len(tokenizer), (1, 32))
+    with torch.no_grad():
+        before, after = model(ids).logits, quantized(ids).logits
+    assert (after - before).norm() / before.norm() < 0.03

@@ -328,9 +328,11 @@ class _InputRecorder:
         handles = [
             linear.register_forward_pre_hook(partial(self.record_linear, name)) for name, linear in linears.items()
         ]
+        present = dict(block.named_modules())  # a hybrid decoder's blocks hold different modules
         handles += [
-            block.get_submodule(name).register_forward_pre_hook(partial(self.keep_inputs, name), with_kwargs=True)
+            present[name].register_forward_pre_hook(partial(self.keep_inputs, name), with_kwargs=True)
             for name in modules
+            if name in present
         ]
         return handles
 
