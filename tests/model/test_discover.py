@@ -96,22 +96,39 @@ def test_a_model_type_beyond_the_table_deploys_with_its_function_kept(model_type
     assert (after - before).norm() / before.norm() < 0.03
 
 
-def test_a_hybrid_decoder_gets_groups_found_for_each_block_structure(tokenizer, calib_text, tmp_path, caplog):
-    """LFM2 with a short-convolution block and an attention block: each kind its own groups; the
-    convolution stays float; the function is kept at 8 bits."""
-    model = _tiny("lfm2", vocab_size=len(tokenizer), layer_types=["conv", "full_attention"])
+HYBRIDS = {
+    # short-convolution blocks and attention blocks
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    # gated delta-net linear attention (a short convolution inside) and full attention
+    "qwen3_5_text": dict(num_hidden_layers=4),
+    # Mamba-2 mixers, MLPs and attention, each a block of its own
+    "nemotron_h": dict(
+        layers_block_type=["linear_attention", "mlp", "full_attention"], mamba_num_heads=4, mamba_head_dim=16,
+        ssm_state_size=16, n_groups=1,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_a_hybrid_decoder_gets_groups_found_for_each_kind_of_block(model_type, tokenizer, calib_text, tmp_path, caplog):
+    """Each kind of block its own groups; convolution and state-space parameters stay float; the
+    function is kept at 8 bits."""
+    model = _tiny(model_type, vocab_size=len(tokenizer), **HYBRIDS[model_type])
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     args = ["quantize", str(tmp_path / "model"), "--out", str(out), "--calib-data", str(calib_text)]
     with caplog.at_level(logging.INFO, logger="awqkit"):
         assert main([*args, *FAST, "--scales", "shared", "--objective", "module", "--bits", "8"]) == 0
-    found = [r.getMessage() for r in caplog.records if "scale groups found" in r.getMessage()]
-    assert len(found) == 2 and "block 0:" in found[0] and "block 1:" in found[1]
-    records = json.loads((out / "awqkit.json").read_text())["layers"]
-    assert {"model.layers.0.conv.in_proj", "model.layers.1.self_attn.q_proj"} <= set(records)
+    kinds = {tuple(n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)) for b in model.model.layers}
+    assert len([r for r in caplog.records if "scale groups found" in r.getMessage()]) == len(kinds) > 1
     quantized = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert torch.equal(quantized.model.layers[0].conv.conv.weight, model.model.layers[0].conv.conv.weight)
+    # convolutions' weights and the state-space parameters (A_log, D, dt_bias); norms take 1/s
+    convolutions = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)}
+    kept = {
+        n: p for n, p in model.named_parameters() if n in convolutions or n.rsplit(".", 1)[1] not in ("weight", "bias")
+    }
+    assert kept and all(torch.equal(quantized.get_parameter(n), p) for n, p in kept.items())
     ids = torch.randint(0, len(tokenizer), (1, 32))
     with torch.no_grad():
         before, after = model(ids).logits, quantized(ids).logits
