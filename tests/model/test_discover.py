@@ -69,12 +69,14 @@ def test_discovery_folds_exactly_where_the_block_computes_the_same_function(mode
     assert covered == sorted(n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear))
 
 
-def test_discovered_groups_give_the_table_runs_bytes(tiny_llama_dir, calib_text, tmp_path, monkeypatch):
+def test_discovered_groups_give_the_table_runs_bytes(tiny_llama_dir, calib_text, tmp_path, monkeypatch, caplog):
     args = ["--quiet", "quantize", str(tiny_llama_dir), "--calib-data", str(calib_text), *FAST]
     shared = ["--scales", "shared", "--format", "compressed-tensors", "--rounding", "greedy", "--objective", "module"]
     assert main([*args, "--out", str(tmp_path / "table"), *shared]) == 0
     monkeypatch.setattr(awqkit.model.scale_groups, "ARCHITECTURES", {})
-    assert main([*args, "--out", str(tmp_path / "found"), *shared]) == 0
+    with caplog.at_level(logging.INFO, logger="awqkit"):
+        assert main([*args, "--out", str(tmp_path / "found"), *shared]) == 0
+    assert "scale groups found from block 0 (and 1 like it)" in caplog.text
     assert output_hashes(tmp_path / "found") == output_hashes(tmp_path / "table")
 
 
@@ -133,3 +135,14 @@ def test_a_hybrid_decoder_gets_groups_found_for_each_kind_of_block(model_type, t
     with torch.no_grad():
         before, after = model(ids).logits, quantized(ids).logits
     assert (after - before).norm() / before.norm() < 0.03
+
+
+def test_discovered_groups_give_the_table_runs_bytes_on_smollm2(smollm2_dir, tmp_path, monkeypatch, caplog):
+    args = ["--quiet", "quantize", "smollm2", "--calib-data", "fortunes", "--n-calib", "4", "--seq-len", "64"]
+    args += ["--group-size", "64", "--n-grid", "4", "--scales", "shared", "--format", "compressed-tensors"]
+    assert main([*args, "--out", str(tmp_path / "table")]) == 0
+    monkeypatch.setattr(awqkit.model.scale_groups, "ARCHITECTURES", {})
+    with caplog.at_level(logging.INFO, logger="awqkit"):
+        assert main([*args, "--out", str(tmp_path / "found")]) == 0
+    assert "scale groups found from block 0 (and 29 like it)" in caplog.text
+    assert output_hashes(tmp_path / "found") == output_hashes(tmp_path / "table")
