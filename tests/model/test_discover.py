@@ -98,7 +98,9 @@ def test_a_model_type_beyond_the_table_deploys_with_its_function_kept(model_type
     assert (after - before).norm() / before.norm() < 0.03
 
 
-HYBRIDS = {
+BEYOND_ATTENTION = {
+    # Mamba: dt_proj's weight is used without calling it, so it has a group of its own (nearest)
+    "mamba": dict(),
     # short-convolution blocks and attention blocks
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     # gated delta-net linear attention (a short convolution inside) and full attention
@@ -111,19 +113,23 @@ HYBRIDS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("model_type", HYBRIDS)
-def test_a_hybrid_decoder_gets_groups_found_for_each_kind_of_block(model_type, tokenizer, calib_text, tmp_path, caplog):
+@pytest.mark.parametrize("model_type", BEYOND_ATTENTION)
+def test_state_space_and_hybrid_decoders_get_groups_for_each_kind_of_block(
+    model_type, tokenizer, calib_text, tmp_path, caplog
+):
     """Each kind of block its own groups; convolution and state-space parameters stay float; the
     function is kept at 8 bits."""
-    model = _tiny(model_type, vocab_size=len(tokenizer), **HYBRIDS[model_type])
+    model = _tiny(model_type, vocab_size=len(tokenizer), **BEYOND_ATTENTION[model_type])
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     args = ["quantize", str(tmp_path / "model"), "--out", str(out), "--calib-data", str(calib_text)]
     with caplog.at_level(logging.INFO, logger="awqkit"):
         assert main([*args, *FAST, "--scales", "shared", "--objective", "module", "--bits", "8"]) == 0
-    kinds = {tuple(n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)) for b in model.model.layers}
-    assert len([r for r in caplog.records if "scale groups found" in r.getMessage()]) == len(kinds) > 1
+    kinds = {
+        tuple(n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)) for b in find_decoder(model).blocks
+    }
+    assert len([r for r in caplog.records if "scale groups found" in r.getMessage()]) == len(kinds)
     quantized = AutoModelForCausalLM.from_pretrained(out).eval()
     # convolutions' weights and the state-space parameters (A_log, D, dt_bias); norms take 1/s
     convolutions = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Conv1d)}

@@ -118,9 +118,6 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
     work = random_copy(block, seed)
     quantized = set(block_linears(work))
     readers, ran = _readers_and_producers(work, probe)
-    missing = sorted(quantized - ran)
-    if missing:
-        raise ValueError(f"the probe never ran {', '.join(missing)}: their scale groups cannot be found")
     order = [name for names, _ in readers for name in names]
     with torch.no_grad():
         reference = probe(work)
@@ -153,4 +150,7 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
                 offsets += [offset] if is_norm and not offsets else []
                 break
         groups.append(group)
+    # A linear whose weight the block uses without calling it (Mamba's dt_proj) sees no input: a
+    # group of its own, folding nowhere (the walk rounds it to nearest, having no statistics).
+    groups += [ScaleGroup(None, (name,)) for name in block_linears(work) if name not in ran]
     return Architecture(tuple(groups), norm_offset=offsets[0] if offsets else 0.0)

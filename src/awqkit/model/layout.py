@@ -63,7 +63,10 @@ def _check_block(block: nn.Module, model_name: str) -> None:
     in_linears = {id(p) for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     in_linears |= router_parameters(block)  # MoE routers stay float by design
     in_linears |= {id(p) for m in block.modules() if isinstance(m, CONVOLUTIONS) for p in m.parameters()}
-    others = [name for name, p in block.named_parameters() if p.dim() >= 2 and id(p) not in in_linears]
+    others = [
+        name for name, p in block.named_parameters()
+        if p.dim() >= 2 and id(p) not in in_linears and name.rsplit(".", 1)[-1] not in STATE_SPACE_PARAMETERS
+    ]  # fmt: skip
     if others:
         raise UnsupportedModelError(
             f"{model_name}'s blocks hold weight matrices outside nn.Linear ({', '.join(others[:3])}), "
@@ -74,6 +77,8 @@ def _check_block(block: nn.Module, model_name: str) -> None:
 # Convolutions inside blocks (LFM2's and Mamba's short convolutions) stay float, as every other
 # parameter that is not a linear's: their weights are a sliver of the block's.
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
+# A state-space mixer's own parameters (Mamba's A_log is a matrix), float too.
+STATE_SPACE_PARAMETERS = ("A_log", "D", "dt_bias")
 
 # Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert.
 FLOAT_LINEARS = ("shared_expert_gate",)
