@@ -101,6 +101,8 @@ def test_a_model_type_beyond_the_table_deploys_with_its_function_kept(model_type
 BEYOND_ATTENTION = {
     # Mamba: dt_proj's weight is used without calling it, so it has a group of its own (nearest)
     "mamba": dict(),
+    # a decoder that unpacks its blocks' output into two values; Mamba-2 and attention blocks
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16),
     # short-convolution blocks and attention blocks
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     # gated delta-net linear attention (a short convolution inside) and full attention

@@ -174,11 +174,14 @@ def capture_block_inputs(
     Arguments are captured per block, not once at block 0: models that alternate attention types
     (Gemma3: sliding vs full, with different rotary bases and masks) pass each block its own.
     The blocks are replaced by pass-throughs and the forward stops after the last one, so this
-    costs one embedding lookup per batch and needs no weights but the embeddings.
+    costs one embedding lookup per batch and needs no weights but the embeddings. A pass-through
+    returns the hidden states as most blocks do; a decoder that unpacks its blocks' output into
+    two values (Bamba's ``hidden_states, attn_weights = decoder_layer(...)``) gets a pair.
     """
     records: list[BlockArgs] = []
     first_inputs: list[torch.Tensor] = []
     last = len(layout.blocks) - 1
+    returns_pair = False
 
     def pass_through(index: int):
         def forward(*args, **kwargs):
@@ -188,7 +191,7 @@ def capture_block_inputs(
             records.append((args[1:], kwargs))
             if index == last:
                 raise _PastLastBlock
-            return hidden
+            return (hidden, None) if returns_pair else hidden
 
         return forward
 
@@ -197,15 +200,26 @@ def capture_block_inputs(
     held = list(range(len(all_batches))) if batches is None else list(batches)
     for index, block in enumerate(layout.blocks):
         block.forward = pass_through(index)
+    embed = layout.decoder.get_input_embeddings()
+
+    def run(batch: torch.Tensor) -> None:
+        records.clear()
+        try:
+            layout.decoder(inputs_embeds=embed(batch.to(embed.weight.device)).to(dtype), use_cache=False)
+        except _PastLastBlock:
+            pass
+
     try:
-        embed = layout.decoder.get_input_embeddings()
         with torch.no_grad():
-            for batch in (all_batches[b] for b in held):
-                records.clear()
+            for number, batch in enumerate(all_batches[b] for b in held):
                 try:
-                    layout.decoder(inputs_embeds=embed(batch.to(embed.weight.device)).to(dtype), use_cache=False)
-                except _PastLastBlock:
-                    pass
+                    run(batch)
+                except (ValueError, TypeError):  # a decoder unpacking its blocks' output
+                    if number > 0 or returns_pair or len(layout.blocks) < 2:
+                        raise
+                    returns_pair = True
+                    first_inputs.clear()
+                    run(batch)
                 for index, args in enumerate(records):
                     per_block[index].append(args)
     finally:
