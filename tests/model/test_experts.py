@@ -282,6 +282,7 @@ def test_moe_refusals_are_one_line(tokenizer, calib_text, tmp_path, capsys):
     from awqkit.cli import main
 
     source = save_tiny(tmp_path / "model", tokenizer, model_type="mixtral")
+    capsys.readouterr()  # transformers' own progress bars while saving
     common = ["quantize", str(source), "--calib-data", str(calib_text), "--n-calib", "4", "--seq-len", "32",
               "--group-size", "32", "--scales", "shared"]  # fmt: skip
     for extra, said in (
@@ -293,3 +294,35 @@ def test_moe_refusals_are_one_line(tokenizer, calib_text, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0], err
         assert not out.exists()
+
+
+def _tiny_moe(model_type: str, **overrides) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    params = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4)
+    params |= dict(num_hidden_layers=1, vocab_size=512, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    params |= dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2)
+    params |= dict(moe_intermediate_size=32, intermediate_size_mlp=96, first_k_dense_replace=0, n_group=1, topk_group=1)
+    config = AutoConfig.for_model(model_type, **{**params, **overrides})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "glm4_moe"])
+def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(model_type):
+    model = _tiny_moe(model_type)
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert linearize_experts(model) == 1
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+
+
+def test_fused_experts_that_per_expert_linears_do_not_reproduce_are_refused():
+    from awqkit.errors import UnsupportedModelError
+
+    model = _tiny_moe("gpt_oss", num_key_value_heads=2)  # biases and a clamped, gated activation
+    with pytest.raises(UnsupportedModelError, match="'gpt_oss' keeps fused mixture-of-experts weights that"):
+        linearize_experts(model)

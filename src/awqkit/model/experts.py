@@ -120,22 +120,46 @@ def linear_experts(fused: nn.Module, names: ExpertNames) -> LinearExperts:
 def linearize_experts(model: nn.Module) -> int:
     """Replace every fused experts module of ``model`` by ``LinearExperts``; returns how many.
 
-    The model's type must be in ``EXPERT_NAMES``; a fused module in another model type is an error
-    rather than experts left float.
+    A model type in ``EXPERT_NAMES`` converts by its names. Any other converts with the usual
+    names (``experts.3.gate_proj``) only where a random-weight copy of its fused module and of the
+    converted experts compute the same on random routed tokens; a fused module that differs (biases,
+    a clamped activation, another layout) is an error rather than experts left float or computed
+    wrong.
     """
     found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
     if not found:
         return 0
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in EXPERT_NAMES:
+    names = EXPERT_NAMES.get(model_type, ExpertNames())
+    if model_type not in EXPERT_NAMES and not _converts_exactly(found[0][1], names):
         raise UnsupportedModelError(
-            f"{model_type!r} keeps fused mixture-of-experts weights; awqkit quantizes the experts of "
-            f"{', '.join(sorted(EXPERT_NAMES))}"
+            f"{model_type!r} keeps fused mixture-of-experts weights that per-expert gate, up and down linears do "
+            f"not reproduce (biases, another activation or layout); awqkit quantizes experts that they do"
         )
     for name, module in found:
         parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, linear_experts(module, EXPERT_NAMES[model_type]))
+        setattr(model.get_submodule(parent_name), attribute, linear_experts(module, names))
     return len(found)
+
+
+def _converts_exactly(fused: nn.Module, names: ExpertNames, tokens: int = 16) -> bool:
+    """Whether ``linear_experts`` computes what ``fused`` computes, on random weights and routing."""
+    from awqkit.model.probing import random_copy
+
+    probe = random_copy(fused)
+    n_experts, _, hidden = probe.gate_up_proj.shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g)
+    top_k = min(2, n_experts)
+    index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    try:
+        with torch.no_grad():
+            expected = probe(x, index, weights)
+            got = linear_experts(probe, names)(x, index, weights)
+    except (TypeError, ValueError, RuntimeError):  # another signature or layout
+        return False
+    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())))
 
 
 def router_parameters(module: nn.Module) -> set[int]:
