@@ -210,6 +210,20 @@ class Killed(BaseException):
     """Stands for the process dying: not an Exception, so nothing catches it on the way out."""
 
 
+def stop_at_block(monkeypatch, index: int, error: type[BaseException] = Killed) -> None:
+    """Make the block walk raise ``error`` when it reaches block ``index`` (a kill, a Ctrl-C)."""
+    import awqkit.pipeline
+
+    real = awqkit.pipeline.quantize_block
+
+    def stopped(visit, *args, **kwargs):
+        if visit.index == index:
+            raise error
+        return real(visit, *args, **kwargs)
+
+    monkeypatch.setattr(awqkit.pipeline, "quantize_block", stopped)
+
+
 def output_hashes(folder: Path) -> dict[str, str]:
     """sha256 of each file of an output folder but the run's measurements (the one that differs)."""
     from awqkit.pipeline import MEASUREMENTS

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Killed, output_hashes
+from conftest import Killed, output_hashes, stop_at_block
 from safetensors.torch import load_file, save_file
 
-import awqkit.pipeline
 from awqkit.cli import main
 from awqkit.io.publish import MARKER
 
@@ -85,14 +84,7 @@ def test_a_run_never_resumes_past_a_changed_weight(tokenizer, calib_text, tmp_pa
     model = save_tiny(tmp_path / "model", tokenizer, num_hidden_layers=3)
     args = ["--quiet", "quantize", str(model), "--calib-data", str(calib_text), *FAST]
     assert main([*args, "--out", str(tmp_path / "before")]) == 0
-    real = awqkit.pipeline.quantize_block
-
-    def killed_at_block_2(visit, *a, **k):
-        if visit.index == 2:
-            raise Killed
-        return real(visit, *a, **k)
-
-    monkeypatch.setattr(awqkit.pipeline, "quantize_block", killed_at_block_2)
+    stop_at_block(monkeypatch, 2)
     with pytest.raises(Killed):
         main([*args, "--out", str(tmp_path / "out")])
     monkeypatch.undo()

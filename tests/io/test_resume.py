@@ -4,7 +4,7 @@ import json
 import logging
 
 import pytest
-from conftest import Killed, output_hashes
+from conftest import Killed, output_hashes, stop_at_block
 
 import awqkit.pipeline
 from awqkit.cli import main
@@ -15,17 +15,6 @@ FAST = ["--n-calib", "4", "--seq-len", "64", "--n-grid", "4", "--max-search-toke
 
 def _run(model_dir, out, calib, *extra):
     return main(["--quiet", "quantize", str(model_dir), "--out", str(out), "--calib-data", str(calib), *FAST, *extra])
-
-
-def _kill_after_block(monkeypatch, k):
-    real = awqkit.pipeline.quantize_block
-
-    def quantize_block(visit, *args, **kwargs):
-        if visit.index == k + 1:
-            raise Killed
-        return real(visit, *args, **kwargs)
-
-    monkeypatch.setattr(awqkit.pipeline, "quantize_block", quantize_block)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +32,7 @@ def test_killed_run_resumes_to_byte_identical_output(extra, four_layer_dir, cali
     assert _run(four_layer_dir, tmp_path / "uninterrupted", calib_text, *shards, *extra) == 0
 
     out = tmp_path / "resumed"
-    _kill_after_block(monkeypatch, 1)
+    stop_at_block(monkeypatch, 2)
     with pytest.raises(Killed):
         _run(four_layer_dir, out, calib_text, *shards, *extra)
     assert not out.exists()
@@ -66,7 +55,7 @@ def test_a_different_command_never_resumes_from_a_stale_folder(
     four_layer_dir, calib_text, tmp_path, monkeypatch, caplog
 ):
     out = tmp_path / "out"
-    _kill_after_block(monkeypatch, 1)
+    stop_at_block(monkeypatch, 2)
     with pytest.raises(Killed):
         _run(four_layer_dir, out, calib_text)
     monkeypatch.undo()
@@ -104,14 +93,7 @@ def test_a_foreign_folder_in_the_partial_place_is_never_deleted(four_layer_dir, 
 
 def test_ctrl_c_is_one_line_and_the_same_command_continues(four_layer_dir, calib_text, tmp_path, monkeypatch, capsys):
     assert _run(four_layer_dir, tmp_path / "uninterrupted", calib_text) == 0
-    real = awqkit.pipeline.quantize_block
-
-    def interrupted(visit, *args, **kwargs):
-        if visit.index == 2:
-            raise KeyboardInterrupt
-        return real(visit, *args, **kwargs)
-
-    monkeypatch.setattr(awqkit.pipeline, "quantize_block", interrupted)
+    stop_at_block(monkeypatch, 2, KeyboardInterrupt)
     capsys.readouterr()
     assert _run(four_layer_dir, tmp_path / "out", calib_text) == 130
     assert "run the same command again" in capsys.readouterr().err
