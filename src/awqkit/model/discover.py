@@ -31,9 +31,12 @@ TOLERANCE = 1e-4
 NORM_OFFSETS = (0.0, 1.0)  # weight, or (1 + weight) as Gemma's norms multiply
 
 
-def _readers_and_producers(block: nn.Module, probe: Probe) -> tuple[list[tuple[list[str], str | None]], set[str]]:
+def _readers_and_producers(
+    block: nn.Module, probe: Probe
+) -> tuple[list[tuple[list[str], str | None]], set[str], torch.Tensor]:
     """Groups of linears reading one tensor, in the order they first run, each with the module
-    whose output that tensor is (None when no module's output is it); and the linears that ran."""
+    whose output that tensor is (None when no module's output is it); the linears that ran; and
+    the block's output."""
     linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     inputs: list[tuple[str, torch.Tensor]] = []
     outputs: list[tuple[str, torch.Tensor]] = []
@@ -48,7 +51,7 @@ def _readers_and_producers(block: nn.Module, probe: Probe) -> tuple[list[tuple[l
     ]
     try:
         with torch.no_grad():
-            probe(block)
+            output = probe(block)
     finally:
         for handle in handles:
             handle.remove()
@@ -63,7 +66,7 @@ def _readers_and_producers(block: nn.Module, probe: Probe) -> tuple[list[tuple[l
     for names, tensor in groups:
         producer = next((name for name, out in outputs if out is tensor), None)
         found.append((names, producer))
-    return found, {name for name, _ in inputs}
+    return found, {name for name, _ in inputs}, output
 
 
 def _folds(
@@ -100,10 +103,8 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
     """The scale groups of ``block`` (any weights; a random copy is probed) and its norms' offset."""
     work = random_copy(block, seed)
     quantized = set(block_linears(work))
-    readers, ran = _readers_and_producers(work, probe)
+    readers, ran, reference = _readers_and_producers(work, probe)
     order = [name for names, _ in readers for name in names]
-    with torch.no_grad():
-        reference = probe(work)
     modules = dict(work.named_modules())
     groups, offsets = [], []
     for names, producer in readers:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from awqkit.errors import UnsupportedModelError
+from awqkit.model.probing import random_copy
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,6 @@ def linearize_experts(model: nn.Module) -> int:
 
 def _converts_exactly(fused: nn.Module, names: ExpertNames, tokens: int = 16) -> bool:
     """Whether ``linear_experts`` computes what ``fused`` computes, on random weights and routing."""
-    from awqkit.model.probing import random_copy
-
     probe = random_copy(fused)
     n_experts, _, hidden = probe.gate_up_proj.shape
     g = torch.Generator().manual_seed(0)

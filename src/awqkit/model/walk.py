@@ -121,15 +121,20 @@ class BlockInputs:
         return BlockInputs(moved(self.hidden, device), moved(self.args, device), self.batches, self.batch_tokens)
 
 
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` of every tensor inside nested tuples, lists and dicts; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def moved(value: Any, device: torch.device | str) -> Any:
     """Tensors inside nested tuples, lists and dicts moved to ``device``; anything else as is."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(moved(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: moved(v, device) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda t: t.to(device))
 
 
 def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Module], torch.Tensor]:
@@ -137,7 +142,7 @@ def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Modu
     (held by this worker) with that block's own arguments: what scale-group discovery probes."""
     hidden = inputs.hidden[0]
     args, kwargs = moved(window_of(inputs.args[index][0], 0, hidden.shape[0]), "cpu")
-    as_float = _floats_to_float32((hidden[:1].cpu(), args, kwargs))
+    as_float = _map_tensors((hidden[:1].cpu(), args, kwargs), lambda t: t.float() if t.is_floating_point() else t)
 
     def probe(block: nn.Module) -> torch.Tensor:
         h, a, k = as_float
@@ -145,16 +150,6 @@ def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Modu
         return out[0] if isinstance(out, tuple) else out
 
     return probe
-
-
-def _floats_to_float32(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_floats_to_float32(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _floats_to_float32(v) for k, v in value.items()}
-    return value
 
 
 class _PastLastBlock(Exception):
