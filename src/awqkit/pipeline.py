@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import transformers
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
@@ -40,9 +39,9 @@ from awqkit.io.resume import (
     unmark,
 )
 from awqkit.io.shards import ShardWriter
-from awqkit.model.discover import discover_architecture
+from awqkit.model.discover import discover_blocks
 from awqkit.model.experts import has_experts, linearize_experts
-from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears
+from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears, linear_classes
 from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
 from awqkit.model.scale_groups import Architecture, architecture_of, per_linear_groups
 from awqkit.model.streamed import StreamedModel
@@ -51,7 +50,6 @@ from awqkit.model.walk import (
     BlockState,
     BlockVisit,
     capture_block_inputs,
-    first_window_probe,
     search_token_indices,
     walk_blocks,
 )
@@ -95,30 +93,6 @@ def _module_names(config: QuantizeConfig, architectures: list[Architecture] | No
     return list(dict.fromkeys(name for architecture in architectures for name in architecture.modules))
 
 
-def _structure(block: nn.Module) -> tuple:
-    return tuple((name, tuple(linear.weight.shape)) for name, linear in block_linears(block).items())
-
-
-def _discovered(layout: DecoderLayout, inputs: BlockInputs) -> list[Architecture]:
-    """Each block's scale groups for a model type the table does not list, found once per block
-    structure (a hybrid decoder holds several), each said in one line."""
-    found: dict[tuple, Architecture] = {}
-    for index, block in enumerate(layout.blocks):
-        structure = _structure(block)
-        if structure in found:
-            continue
-        found[structure] = architecture = discover_architecture(block, first_window_probe(inputs, index))
-        folds = [f"{g.folds_into} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
-        unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
-        alike = sum(_structure(other) == structure for other in layout.blocks) - 1
-        log.info(
-            "scale groups found from block %d%s: 1/s folds into %s%s",
-            index, f" (and {alike} like it)" if alike else "", "; ".join(folds) or "nothing",
-            f"; s = 1 for {'; '.join(unscaled)} (no op before them takes 1/s)" if unscaled else "",
-        )  # fmt: skip
-    return [found[_structure(block)] for block in layout.blocks]
-
-
 def quantize_blocks(
     layout: DecoderLayout,
     inputs: BlockInputs,
@@ -139,7 +113,7 @@ def quantize_blocks(
         if architecture is not None:
             architectures = [architecture] * len(layout.blocks)
         else:
-            architectures = workers.broadcast(_discovered(layout, inputs) if workers.writes else None)
+            architectures = workers.broadcast(discover_blocks(layout, inputs) if workers.writes else None)
     n_tokens = sum(inputs.batch_tokens)
     steps = walk_blocks(
         layout,
@@ -467,9 +441,21 @@ def _publish(run: _StreamedRun, output: _Output, result: QuantizeResult) -> None
             run.model_name_or_path, output.progress.stored_dtype or "", run.config, output.progress.layers
         )
         generation = _generation_config(run.folder)
-        ignored = [run.stored(name) for name in float_linears(run.source.model)]
+        # by the model's names (transformers matches those) and the checkpoint's (vLLM matches those)
+        ignored = sorted({n for name in float_linears(run.source.model) for n in (name, run.stored(name))})
         config = run.source.config
-        write_model_files(run.partial, config, generation, run.tokenizer, record, None, run.config.format, ignored)
+        write_model_files(
+            run.partial,
+            config,
+            generation,
+            run.tokenizer,
+            record,
+            None,
+            run.config.format,
+            ignored,
+            run.folder,
+            linear_classes(run.source.model),
+        )
     result.peak_rss_gib = peak_rss_gib()
     _write_measurements(run.partial, result, run.device)
     publish(run.partial, run.out, run.overwrite)

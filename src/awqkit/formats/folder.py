@@ -4,6 +4,7 @@ quantization_config, ``awqkit.json`` and the scales."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from awqkit.formats.gguf import GGUF_TYPES, write_gguf
 from awqkit.formats.tensors import block_tensors, write_quantization_config
 from awqkit.io.publish import write_atomically
 from awqkit.io.shards import ShardWriter
-from awqkit.model.layout import find_decoder, float_linears
+from awqkit.model.layout import find_decoder, float_linears, linear_classes
 
 
 def save_quantized(
@@ -47,7 +48,17 @@ def save_quantized(
             writer.add(block_tensors(prefix, block_state, block_q, format))
         writer.finish()
         generation = model.generation_config if model.can_generate() else None
-        write_model_files(folder, model.config, generation, tokenizer, record, scales, format, float_linears(model))
+        write_model_files(
+            folder,
+            model.config,
+            generation,
+            tokenizer,
+            record,
+            scales,
+            format,
+            float_linears(model),
+            targets=linear_classes(model),
+        )
 
     return write_atomically(out_dir, overwrite, write)
 
@@ -73,8 +84,11 @@ def write_model_files(
     scales: dict[str, torch.Tensor] | None,
     format: str,
     ignore: list[str],
+    source: Path | None = None,
+    targets: tuple[str, ...] = ("Linear",),
 ) -> None:
-    """Everything but the weights: config (with quantization_config), tokenizer, record, scales."""
+    """Everything but the weights: config (with quantization_config), tokenizer, the processor files
+    of ``source`` (a vision-language model's image processor), record, scales."""
 
     settings = record["config"]
     if format == "gguf":  # one file holds config and tokenizer: no Hugging Face folder around it
@@ -85,13 +99,33 @@ def write_model_files(
             generation_config.save_pretrained(folder)
         if format != "fake":
             write_quantization_config(
-                folder, format, settings["bits"], settings["group_size"], ignore, settings.get("symmetric", False)
+                folder,
+                format,
+                settings["bits"],
+                settings["group_size"],
+                ignore,
+                settings.get("symmetric", False),
+                targets,
             )
         tokenizer.save_pretrained(folder)
+        copy_processor_files(source, folder)
         drop_remote_code(folder)
     (folder / "awqkit.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     if scales is not None:
         save_file(scales, str(folder / "awq_scales.safetensors"), metadata={"format": "pt"})
+
+
+# What AutoProcessor reads beside the tokenizer: image and video preprocessing, the chat template.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja")  # fmt: skip
+
+
+def copy_processor_files(source: Path | None, folder: Path) -> None:
+    """The processor files of ``source`` that the tokenizer did not write: the output loads with the
+    input's processor (a vision-language model's images still need it)."""
+    for name in PROCESSOR_FILES if source is not None else ():
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(source / name, folder / name)
 
 
 def drop_remote_code(folder: Path) -> None:

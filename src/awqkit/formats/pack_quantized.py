@@ -12,11 +12,11 @@ import torch
 from awqkit.quant.grid import GroupQuantized
 
 
-def scheme(bits: int, group_size: int, symmetric: bool = False):
+def scheme(bits: int, group_size: int, symmetric: bool = False, targets: tuple[str, ...] = ("Linear",)):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
-    return QuantizationScheme(targets=["Linear"], weights=weights)
+    return QuantizationScheme(targets=list(targets), weights=weights)
 
 
 def pack_quantized_tensors(quantized: GroupQuantized, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -38,14 +38,20 @@ def pack_quantized_tensors(quantized: GroupQuantized, scale_dtype: torch.dtype) 
 
 
 def write_pack_quantized_config(
-    folder: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False
+    folder: str,
+    bits: int,
+    group_size: int,
+    ignore: list[str],
+    symmetric: bool = False,
+    targets: tuple[str, ...] = ("Linear",),
 ) -> None:
-    """Add quantization_config to the config.json in ``folder``, through the library."""
+    """Add quantization_config to the config.json in ``folder``, through the library. ``targets``:
+    the class names of the quantized linears (loaders match by class name: Falcon's FalconLinear)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     config = QuantizationConfig(
-        config_groups={"group_0": scheme(bits, group_size, symmetric)},
+        config_groups={"group_0": scheme(bits, group_size, symmetric, targets)},
         format="pack-quantized",
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,

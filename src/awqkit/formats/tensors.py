@@ -62,7 +62,13 @@ def block_tensors(
 
 
 def write_quantization_config(
-    folder: Path, format: str, bits: int, group_size: int, ignore: list[str], symmetric: bool = False
+    folder: Path,
+    format: str,
+    bits: int,
+    group_size: int,
+    ignore: list[str],
+    symmetric: bool = False,
+    targets: tuple[str, ...] = ("Linear",),
 ) -> None:
     """Add ``format``'s quantization_config to the config.json already in ``folder``."""
     if format == "awq":
@@ -71,6 +77,6 @@ def write_quantization_config(
         config["quantization_config"] = awq_quantization_config(bits, group_size)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     elif format == "compressed-tensors":
-        write_pack_quantized_config(str(folder), bits, group_size, ignore, symmetric)
+        write_pack_quantized_config(str(folder), bits, group_size, ignore, symmetric, targets)
     else:
         raise ValueError(f"unknown packed format {format!r}; choose one of {', '.join(PACKED_FORMATS)}")

@@ -12,15 +12,19 @@ form).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from awqkit.model.layout import block_linears
+from awqkit.model.layout import DecoderLayout, block_linears
 from awqkit.model.probing import random_copy
 from awqkit.model.scale_groups import Architecture, ScaleGroup
+from awqkit.model.walk import BlockInputs, first_window_probe
 from awqkit.quant.fold import fold_scales
+
+log = logging.getLogger("awqkit")
 
 # The block's output on the probe input, for a given copy of the block.
 Probe = Callable[[nn.Module], torch.Tensor]
@@ -33,10 +37,10 @@ NORM_OFFSETS = (0.0, 1.0)  # weight, or (1 + weight) as Gemma's norms multiply
 
 def _readers_and_producers(
     block: nn.Module, probe: Probe
-) -> tuple[list[tuple[list[str], str | None]], set[str], torch.Tensor]:
+) -> tuple[list[tuple[list[str], str | None]], dict[str, torch.Tensor], torch.Tensor]:
     """Groups of linears reading one tensor, in the order they first run, each with the module
-    whose output that tensor is (None when no module's output is it); the linears that ran; and
-    the block's output."""
+    whose output that tensor is (None when no module's output is it); each linear that ran, with
+    its first output; and the block's output."""
     linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
     inputs: list[tuple[str, torch.Tensor]] = []
     outputs: list[tuple[str, torch.Tensor]] = []
@@ -66,13 +70,46 @@ def _readers_and_producers(
     for names, tensor in groups:
         producer = next((name for name, out in outputs if out is tensor), None)
         found.append((names, producer))
-    return found, {name for name, _ in inputs}, output
+    ran = {}
+    for name, out in outputs:
+        if name in linears:
+            ran.setdefault(name, out)
+    return found, ran, output
+
+
+def _first_outputs(
+    block: nn.Module, probe: Probe, names: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The first output of each of the modules ``names`` on the probe, and the block's output."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        block.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            output = probe(block)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, output
+
+
+def _unchanged(after: torch.Tensor, before: torch.Tensor) -> bool:
+    return bool((after - before).abs().max() <= TOLERANCE * before.abs().max())
 
 
 def _folds(
-    block: nn.Module, probe: Probe, reference: torch.Tensor, group: ScaleGroup, norm_offset: float, seed: int
+    block: nn.Module,
+    probe: Probe,
+    reference: tuple[dict[str, torch.Tensor], torch.Tensor],
+    group: ScaleGroup,
+    norm_offset: float,
+    seed: int,
 ) -> bool:
-    """Whether folding a random s into ``group`` leaves the block's output (``reference``) unchanged."""
+    """Whether folding a random s into ``group`` leaves the outputs of its linears and of the block
+    (``reference``) unchanged: the linears' own, so a change the block's output hides (a branch
+    normalised away, or small beside the residual stream) still counts."""
     width = block.get_submodule(group.balance[0]).in_features
     s = torch.exp(torch.rand(width, generator=torch.Generator().manual_seed(seed)) * 2 - 1)
     folded = copy.deepcopy(block)
@@ -80,9 +117,9 @@ def _folds(
         fold_scales(folded, group, s, norm_offset)
     except ValueError:  # not a per-channel weight
         return False
-    with torch.no_grad():
-        after = probe(folded)
-    return bool((after - reference).abs().max() <= TOLERANCE * reference.abs().max())
+    linears, output = _first_outputs(folded, probe, group.balance)
+    readers, expected = reference
+    return _unchanged(output, expected) and all(_unchanged(linears[n], readers[n]) for n in group.balance)
 
 
 def _enclosing(names: list[str]) -> str | None:
@@ -103,7 +140,8 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
     """The scale groups of ``block`` (any weights; a random copy is probed) and its norms' offset."""
     work = random_copy(block, seed)
     quantized = set(block_linears(work))
-    readers, ran, reference = _readers_and_producers(work, probe)
+    readers, ran, output = _readers_and_producers(work, probe)
+    reference = (ran, output)
     order = [name for names, _ in readers for name in names]
     modules = dict(work.named_modules())
     groups, offsets = [], []
@@ -138,3 +176,27 @@ def discover_architecture(block: nn.Module, probe: Probe, seed: int = 0) -> Arch
     # group of its own, folding nowhere (the walk rounds it to nearest, having no statistics).
     groups += [ScaleGroup(None, (name,)) for name in block_linears(work) if name not in ran]
     return Architecture(tuple(groups), norm_offset=offsets[0] if offsets else 0.0)
+
+
+def _structure(block: nn.Module) -> tuple:
+    return tuple((name, tuple(linear.weight.shape)) for name, linear in block_linears(block).items())
+
+
+def discover_blocks(layout: DecoderLayout, inputs: BlockInputs) -> list[Architecture]:
+    """Each block's scale groups for a model type the table does not list, found once per block
+    structure (a hybrid decoder holds several), each said in one line."""
+    found: dict[tuple, Architecture] = {}
+    for index, block in enumerate(layout.blocks):
+        structure = _structure(block)
+        if structure in found:
+            continue
+        found[structure] = architecture = discover_architecture(block, first_window_probe(inputs, index))
+        folds = [f"{g.folds_into} -> {', '.join(g.balance)}" for g in architecture.scale_groups if g.smooth]
+        unscaled = [", ".join(g.balance) for g in architecture.scale_groups if not g.smooth]
+        alike = sum(_structure(other) == structure for other in layout.blocks) - 1
+        log.info(
+            "scale groups found from block %d%s: 1/s folds into %s%s",
+            index, f" (and {alike} like it)" if alike else "", "; ".join(folds) or "nothing",
+            f"; s = 1 for {'; '.join(unscaled)} (no op before them takes 1/s)" if unscaled else "",
+        )  # fmt: skip
+    return [found[_structure(block)] for block in layout.blocks]

@@ -80,8 +80,10 @@ CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 # A state-space mixer's own parameters (Mamba's A_log is a matrix), float too.
 STATE_SPACE_PARAMETERS = ("A_log", "D", "dt_bias")
 
-# Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert.
-FLOAT_LINEARS = ("shared_expert_gate",)
+# Linears inside blocks that stay float: Qwen2-MoE's one-output sigmoid gate of its shared expert;
+# Mamba's time-step projection, whose weight the mixer's kernels read without calling it, so a
+# packed form of it would leave them no weight to read.
+FLOAT_LINEARS = ("shared_expert_gate", "dt_proj")
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -100,3 +102,10 @@ def float_linears(model: nn.Module) -> list[str]:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     kept = [n for n in linears if not n.startswith(blocks) or n.rsplit(".", 1)[-1] in FLOAT_LINEARS]
     return sorted([*kept, *router_names(model)])
+
+
+def linear_classes(model: nn.Module) -> tuple[str, ...]:
+    """The class names of the quantized linears, ``Linear`` first: loaders of compressed-tensors
+    match modules by class name, and a subclass (Falcon's ``FalconLinear``) is not ``Linear``."""
+    names = {type(m).__name__ for block in find_decoder(model).blocks for m in block_linears(block).values()}
+    return ("Linear", *sorted(names - {"Linear"}))

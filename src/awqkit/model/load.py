@@ -94,6 +94,19 @@ def check_layer_count(folder: Path, config: Any, names: list[str]) -> None:
         )
 
 
+def model_class(config: Any) -> Any:
+    """``AutoModelForImageTextToText`` where ``config.architectures`` names a vision-language class
+    (the model stays one: its language model's blocks are quantized, its vision tower kept), else
+    ``AutoModelForCausalLM``."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    named = (getattr(config, "architectures", None) or [None])[0]
+    if named in set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.values()):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -129,17 +142,20 @@ def load_checked_model(name_or_path: str, dtype: str = "auto") -> Any:
     transformers fills such tensors with random values and only warns: quantized or scored, that
     would be a model nobody saved.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_no_custom_code(name_or_path)
     folder = Path(name_or_path).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except OSError as error:
+        raise one_line_load_error(name_or_path, error) from None
     if (folder / "config.json").is_file() and ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         check_layer_count(folder, config, list(tensor_files(folder)))
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
+        model, loading = model_class(config).from_pretrained(
             name_or_path,
             dtype=DTYPES[dtype],
             output_loading_info=True,

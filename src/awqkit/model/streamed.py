@@ -13,7 +13,7 @@ from torch import nn
 from awqkit.io.safetensors import FLOAT_CODES, CheckpointFiles, dtype_name
 from awqkit.model.experts import linearize_experts
 from awqkit.model.layout import DecoderLayout, find_decoder
-from awqkit.model.load import check_layer_count, check_no_custom_code
+from awqkit.model.load import check_layer_count, check_no_custom_code, model_class
 
 log = logging.getLogger("awqkit")
 
@@ -40,7 +40,7 @@ class StreamedModel:
 
     def __init__(self, folder: Path, dtype: torch.dtype | None = None):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = folder
         check_no_custom_code(folder)
@@ -49,7 +49,7 @@ class StreamedModel:
         self.config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         check_layer_count(folder, self.config, self.files.names())
         with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
-            self.model: nn.Module = AutoModelForCausalLM.from_config(self.config)
+            self.model: nn.Module = model_class(self.config).from_config(self.config)
         self.model.eval()
         linearize_experts(self.model)
         self.files.rename(checkpoint_renaming(self.model))
@@ -60,7 +60,7 @@ class StreamedModel:
     def _check_tensors(self) -> None:
         """Every tensor the model holds is stored, in the shape the config gives it and, where the
         model holds floats, as 16-, 32- or 64-bit floats: checked from the headers before any work."""
-        tied = set(getattr(self.model, "_tied_weights_keys", None) or {}) if self.config.tie_word_embeddings else set()
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})  # as the config resolves them
         expected = {name: t for name, t in self.model.state_dict().items() if name not in tied}
         missing = sorted(set(expected) - set(self.files.files))
         if missing:

@@ -168,11 +168,14 @@ def model_order(folder: Path) -> dict[str, int]:
     """
     if not (folder / "config.json").is_file():
         return {}
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from awqkit.model.load import model_class
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            model = model_class(config).from_config(config)
     except (OSError, ValueError, KeyError) as error:
         log.info("tensors sorted by name: no model order from %s (%s)", folder, error)
         return {}
