@@ -35,8 +35,9 @@ from transformers.models.auto.modeling_auto import (
 
 from awqkit.cli import main
 from awqkit.model.discover import discover_blocks
-from awqkit.model.experts import is_fused_experts, linearize_experts
+from awqkit.model.experts import LinearExperts, is_fused_experts
 from awqkit.model.layout import find_decoder
+from awqkit.model.linearize import linearize, transposed_weights
 from awqkit.model.load import model_class
 from awqkit.model.walk import capture_block_inputs
 from awqkit.quant.fold import fold_scales
@@ -63,6 +64,11 @@ OPEN = {
     "gemma4_unified_text": "8-bit logits 3.3% from the original: not yet explained",
     "kolibri1": "8-bit logits 2.03% from the original: not yet explained",
 }
+STORED_FUSED = (
+    "its checkpoints hold the experts fused; transformers reads packed experts only per expert (8-bit error: "
+    "fake form, same shared scales)"
+)
+CONV1D = "transformers builds these projections as GPT-2's Conv1D, which compressed-tensors does not pack (8-bit error: fake form, same shared scales)"
 READS_WEIGHT = "transformers' model code reads the packed linear's .weight (its weight init or forward)"
 NO_RELOAD = {
     "falcon": "compressed-tensors decompresses nn.Linear, not its subclass FalconLinear",
@@ -90,8 +96,8 @@ OVERRIDES: dict[str, dict] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   mamba_d_state=8, mamba_dt_rank=16),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
-    "nemotron_h": dict(layers_block_type=["linear_attention", "mlp", "full_attention"], mamba_num_heads=4,
-                       mamba_head_dim=16, ssm_state_size=16, n_groups=1),
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention"], mamba_num_heads=4,
+                       mamba_head_dim=16, ssm_state_size=16, n_groups=1, moe_shared_expert_intermediate_size=64),
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64),
     **{t: dict(num_hidden_layers=4) for t in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
                                               "qwen4_exp", "qwen4_exp_text", "kimi_linear")},
@@ -138,6 +144,7 @@ class Coverage:
     folds: str = ""  # linears whose 1/s folds, of all
     reloads: bool = False
     reload_error: str = ""  # why transformers could not load or run the deployable output
+    stored_otherwise: str = ""  # why transformers cannot read packed linears here: 8-bit error of the fake form
     error_8bit: float = float("nan")
     error_fold: float = float("nan")
 
@@ -155,9 +162,9 @@ class Coverage:
             return f"| {self.model_type} | no | no | - | - | fails: {_cell(self.crash)} |"
         research = "yes" if self.research == "yes" else "no"
         deployable = self.folds if self.deployable == "yes" else "no"
-        why = NO_RELOAD.get(self.model_type, self.reload_error)
-        reload = "yes" if self.reloads else f"no: {_cell(why)}" if self.reload_error else "-"
-        error = f"{self.error_8bit:.2%}" if self.reloads else "-"
+        why = self.stored_otherwise or NO_RELOAD.get(self.model_type, self.reload_error)
+        reload = "yes" if self.reloads else f"no: {_cell(why)}" if why else "-"
+        error = f"{self.error_8bit:.2%}" if self.error_8bit == self.error_8bit else "-"
         refusal = next((r for r in (self.research, self.deployable) if r != "yes"), "")
         return f"| {self.model_type} | {research} | {deployable} | {reload} | {error} | {_cell(refusal)} |"
 
@@ -187,7 +194,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def fold_alone_error(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """The logits' change from folding random s (0.01 to 10) into every group discovery folds."""
     work = copy.deepcopy(model)
-    linearize_experts(work)
+    linearize(work)
     layout = find_decoder(work)
     inputs = capture_block_inputs(layout, ids, len(ids), torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -248,13 +255,29 @@ def _write_both_forms(
     layers = json.loads(Path(tmp, "deployable", "awqkit.json").read_text())["layers"]
     found.folds = f"{sum(bool(r.get('folded_into')) for r in layers.values())} of {len(layers)}"
     found.error_fold = fold_alone_error(model, ids)
+    target = f"{tmp}/deployable"
+    found.stored_otherwise = _stored_otherwise(model)
+    if found.stored_otherwise:  # the same shared-scale grid, as float weights transformers reads
+        target = f"{tmp}/shared-fake"
+        assert _quantize([*common, "--out", target, "--scales", "shared"]) == "yes"
     try:
         with torch.no_grad():
-            loaded = model_class(config).from_pretrained(f"{tmp}/deployable").eval()
-            found.error_8bit = _relative(loaded(ids).logits, reference)
-        found.reloads = True
+            loaded, loading = model_class(config).from_pretrained(target, output_loading_info=True)
+            if loading["missing_keys"]:
+                raise ValueError(f"transformers left {len(loading['missing_keys'])} tensors unread")
+            found.error_8bit = _relative(loaded.eval()(ids).logits, reference)
+        found.reloads = not found.stored_otherwise
     except Exception as error:  # noqa: BLE001 (the loader's limits, listed per type)
         found.reload_error = (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _stored_otherwise(model: torch.nn.Module) -> str:
+    """Why transformers cannot read the packed form of ``model``'s linears, if so."""
+    work = copy.deepcopy(model)
+    linearize(work)
+    if transposed_weights(work):
+        return CONV1D
+    return STORED_FUSED if any(isinstance(m, LinearExperts) and m.fused is not None for m in work.modules()) else ""
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -274,8 +297,9 @@ def _meets_the_bar(found: Coverage) -> bool:
         return False
     if found.deployable != "yes":
         return True
-    reloads_as_expected = found.reloads == (found.model_type not in NO_RELOAD)
-    return found.error_fold < FOLD_ALONE and reloads_as_expected and (not found.reloads or found.error_8bit < EIGHT_BIT)
+    reloads_as_expected = found.reloads == (found.model_type not in NO_RELOAD and not found.stored_otherwise)
+    measured = found.error_8bit == found.error_8bit
+    return found.error_fold < FOLD_ALONE and reloads_as_expected and (not measured or found.error_8bit < EIGHT_BIT)
 
 
 def table() -> str:

@@ -40,8 +40,9 @@ from awqkit.io.resume import (
 )
 from awqkit.io.shards import ShardWriter
 from awqkit.model.discover import discover_blocks
-from awqkit.model.experts import has_experts, linearize_experts
+from awqkit.model.experts import has_experts
 from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears, linear_classes
+from awqkit.model.linearize import as_stored, linearize
 from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
 from awqkit.model.scale_groups import Architecture, architecture_of, per_linear_groups
 from awqkit.model.streamed import StreamedModel
@@ -176,7 +177,7 @@ def quantize_model(
     when a packed format will be written.
     """
     config.validate()
-    linearize_experts(model)
+    linearize(model)
     if config.format == "awq" and has_experts(model):
         raise ValueError(AWQ_EXPERTS)
     layout = find_decoder(model)
@@ -413,6 +414,8 @@ class _BlockWriter:
             if weights is not None and scales is not None:
                 quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
                 tensors = block_tensors(prefix, visit.stored_state(), quantized, run.config.format)
+                if run.config.format == "fake":  # float weights, in the form the checkpoint stores them
+                    tensors = as_stored(visit.block, prefix, tensors)
                 weights.add(run.source.stored_names(tensors))
                 scales.add({run.stored(prefix + name): linear.scales for name, linear in linears.items()})
                 progress.writers = {"model": weights.state(), "scales": scales.state()}

@@ -7,11 +7,19 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from conftest import read_tensors, save_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from awqkit.model.experts import LinearExperts, linearize_experts, set_every_token
+from awqkit.cli import main
+from awqkit.model.experts import (
+    LinearExperts,
+    linearize_experts,
+    refused_experts,
+    router_names,
+    set_every_token,
+    stored_expert_names,
+)
 from awqkit.model.layout import block_linears, find_decoder
 from awqkit.model.walk import capture_block_inputs, search_token_indices, walk_blocks
 from awqkit.quant.grid import dequantize_groupwise, quantize_groupwise
@@ -192,7 +200,6 @@ def test_an_expert_no_token_reaches_falls_back_to_rtn_and_is_counted(capsys, tok
 
 
 def test_the_command_line_counts_fallbacks(tokenizer, calib_text, tmp_path, capsys):
-    from awqkit.cli import main
 
     source = save_tiny(tmp_path / "model", tokenizer, model_type="qwen3_moe")
     argv = ["quantize", str(source), "--out", str(tmp_path / "out"), "--calib-data", str(calib_text), "--n-calib", "4",
@@ -248,7 +255,6 @@ def test_folding_shared_scales_into_the_moe_norm_keeps_the_function_with_the_rou
 def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers_loads_it(
     model_type, tokenizer, calib_text, tmp_path
 ):
-    from awqkit.cli import main
 
     source = save_tiny(tmp_path / "model", tokenizer, model_type=model_type, dtype=torch.float32)
     mlp, projections = STORED[model_type]
@@ -279,7 +285,6 @@ def test_shared_scales_pack_every_expert_for_compressed_tensors_and_transformers
 
 
 def test_moe_refusals_are_one_line(tokenizer, calib_text, tmp_path, capsys):
-    from awqkit.cli import main
 
     source = save_tiny(tmp_path / "model", tokenizer, model_type="mixtral")
     capsys.readouterr()  # transformers' own progress bars while saving
@@ -308,9 +313,16 @@ def _tiny_moe(model_type: str, **overrides) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "glm4_moe"])
-def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(model_type):
-    model = _tiny_moe(model_type)
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("olmoe", {}), ("glm4_moe", {}),
+     # experts without a gate, down(act(up(x))), beside Mamba-2 and attention blocks
+     ("nemotron_h", dict(layers_block_type=["linear_attention", "moe", "full_attention"], num_hidden_layers=3,
+                         mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16, n_groups=1,
+                         moe_shared_expert_intermediate_size=64))],
+)  # fmt: skip
+def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(model_type, overrides):
+    model = _tiny_moe(model_type, **overrides)
     ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         before = model(ids).logits
@@ -323,6 +335,77 @@ def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(
 def test_fused_experts_that_per_expert_linears_do_not_reproduce_are_refused():
     from awqkit.errors import UnsupportedModelError
 
-    model = _tiny_moe("gpt_oss", num_key_value_heads=2)  # biases and a clamped, gated activation
-    with pytest.raises(UnsupportedModelError, match="'gpt_oss' keeps fused mixture-of-experts weights that"):
+    model = _tiny_moe("llama4_text", num_key_value_heads=2)  # experts called on all tokens, pre-weighted
+    with pytest.raises(UnsupportedModelError, match="'llama4_text' keeps fused mixture-of-experts weights that"):
         linearize_experts(model)
+
+
+def test_gpt_oss_experts_convert_in_their_layout_with_biases_and_the_models_own_gating():
+    """[E, H, 2I] with gate and up interleaved, biases, clamped SwiGLU: found by behaviour."""
+    model = _tiny_moe("gpt_oss", num_key_value_heads=2)
+    fused = model.model.layers[0].mlp.experts
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert linearize_experts(model) == 1
+    experts = model.model.layers[0].mlp.experts
+    layout, shapes = experts.fused
+    assert (layout.transposed, layout.interleaved) == (True, True)
+    assert shapes["gate_up_proj"] == tuple(fused.gate_up_proj.shape)
+    # expert 1's gate is column 2k of its fused [H, 2I] block, its up column 2k + 1
+    assert torch.equal(experts[1].gate_proj.weight, fused.gate_up_proj[1][:, 0::2].T)
+    assert torch.equal(experts[1].up_proj.bias, fused.gate_up_proj_bias[1][1::2])
+    assert torch.equal(experts[1].down_proj.weight, fused.down_proj[1].T)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    state = {f"x.{n}": t for n, t in experts.state_dict().items()}
+    assert {n: t.shape for n, t in refused_experts(torch.nn.ModuleDict({"x": experts}), "", state).items()} == {
+        f"x.{n}": p.shape for n, p in fused.named_parameters()
+    }
+    for name, tensor in refused_experts(torch.nn.ModuleDict({"x": experts}), "", state).items():
+        assert torch.equal(tensor, fused.get_parameter(name.removeprefix("x."))), name
+
+
+def test_a_checkpoint_holding_fused_experts_streams_and_its_fake_output_is_fused_again(tokenizer, calib_text, tmp_path):
+    model = _tiny_moe("gpt_oss", num_key_value_heads=2, vocab_size=len(tokenizer), num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    args = ["--quiet", "quantize", str(tmp_path / "m"), "--calib-data", str(calib_text), "--bits", "8"]
+    args += ["--n-calib", "2", "--seq-len", "32", "--n-grid", "2", "--group-size", "16"]
+    assert main([*args, "--out", str(tmp_path / "fake")]) == 0
+    stored, written = load_file(tmp_path / "m" / "model.safetensors"), read_tensors(tmp_path / "fake")
+    assert sorted(written) == sorted(stored)  # the fused names and shapes, as transformers reads them
+    assert all(written[n].shape == stored[n].shape for n in stored)
+    assert not torch.equal(
+        written["model.layers.0.mlp.experts.gate_up_proj"], stored["model.layers.0.mlp.experts.gate_up_proj"]
+    )
+    assert main([*args, "--out", str(tmp_path / "packed"), "--scales", "shared", "--format", "compressed-tensors",
+                 "--symmetric"]) == 0  # fmt: skip
+    packed = read_tensors(tmp_path / "packed")
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight_packed" in packed
+    assert torch.equal(packed["model.layers.1.mlp.experts.3.up_proj.bias"],
+                       stored["model.layers.1.mlp.experts.gate_up_proj_bias"][3][1::2])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_type, names",
+    [("minimax", ("w1", "w3", "w2")), ("phimoe", ("w1", "w3", "w2")), ("olmoe", ("gate_proj", "up_proj", "down_proj")),
+     ("nemotron_h", (None, "up_proj", "down_proj")), ("gpt_oss", None)],
+)  # fmt: skip
+def test_expert_names_are_those_transformers_merges_from_checkpoints(model_type, names):
+    """The per-expert names come from transformers' own conversions, so a streamed checkpoint's
+    tensors are found; none where checkpoints store the fused tensors (gpt-oss)."""
+    with torch.device("meta"):
+        model = _tiny_moe(model_type, num_key_value_heads=2)
+    found = stored_expert_names(model)
+    assert (found and (found.gate, found.up, found.down)) == names
+
+
+def test_a_router_that_is_an_nn_linear_stays_float():
+    model = _tiny_moe("phimoe")  # its router subclasses nn.Linear and its forward reads the weight
+    linearize_experts(model)
+    block = find_decoder(model).blocks[0]
+    assert "mlp.router" in dict(block.named_modules())
+    assert "mlp.router" not in block_linears(block)
+    assert "model.layers.0.mlp.router" in router_names(model)

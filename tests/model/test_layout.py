@@ -5,6 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from awqkit.errors import UnsupportedModelError
 from awqkit.model.layout import block_linears, find_decoder
+from awqkit.model.linearize import linearize
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
@@ -27,11 +28,18 @@ def test_decoder_blocks_and_linears_are_found_generically(model_type):
     assert "lm_head" in all_linears and not any("lm_head" in n for n in names)
 
 
-def test_gpt2_conv1d_is_refused_in_one_line():
+def test_gpt2_conv1d_is_found_once_linearized_and_refused_in_one_line_before():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
-    with pytest.raises(UnsupportedModelError, match="Conv1D.*supported: .*nn.Linear") as error:
+    with pytest.raises(UnsupportedModelError, match="no nn.Linear in its decoder blocks; supported: ") as error:
         find_decoder(model)
     assert "\n" not in str(error.value)
+    linearize(model)
+    assert sorted(block_linears(find_decoder(model).blocks[0])) == [
+        "attn.c_attn",
+        "attn.c_proj",
+        "mlp.c_fc",
+        "mlp.c_proj",
+    ]
 
 
 def _full_output(model, windows):

@@ -16,6 +16,8 @@ the output still sums only the routed experts, so the next block sees the true h
 
 from __future__ import annotations
 
+import copy
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -28,9 +30,10 @@ from awqkit.model.probing import random_copy
 
 @dataclass(frozen=True)
 class ExpertNames:
-    """What a model's checkpoints call an expert's projections."""
+    """What a model's checkpoints call an expert's projections; no gate for experts that compute
+    down(act(up(x))) (Nemotron-H)."""
 
-    gate: str = "gate_proj"
+    gate: str | None = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
 
@@ -43,26 +46,90 @@ EXPERT_NAMES = {
 }
 
 
+def _fused(module: nn.Module, name: str) -> torch.Tensor | None:
+    tensor = getattr(module, name, None)
+    return tensor if isinstance(tensor, torch.Tensor) and tensor.dim() == 3 else None
+
+
 def is_fused_experts(module: nn.Module) -> bool:
-    """transformers' fused experts: 3-D ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]."""
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == down.dim() == 3
+    """transformers' fused experts: 3-D ``gate_up_proj`` [E, 2I, H] (or, ungated, ``up_proj``
+    [E, I, H]) and ``down_proj`` [E, H, I]."""
+    up = _fused(module, "gate_up_proj") if _fused(module, "gate_up_proj") is not None else _fused(module, "up_proj")
+    return up is not None and _fused(module, "down_proj") is not None
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """Where each expert's rows sit in transformers' fused tensors: ``gate_up_proj`` [E, 2I, H]
+    and ``down_proj`` [E, H, I] (rows as nn.Linear holds them) or, transposed, [E, H, 2I] and
+    [E, I, H] (gpt-oss multiplies x @ W); gate rows then up rows, or interleaved (gate 0, up 0,
+    gate 1, ...)."""
+
+    transposed: bool = False
+    interleaved: bool = False
+
+    def rows(self, fused: torch.Tensor) -> torch.Tensor:
+        """[E, out, in] (a bias [E, out] as it is) from the stored tensor."""
+        return fused.transpose(1, 2) if self.transposed and fused.dim() == 3 else fused
+
+    def stored(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.transpose(1, 2) if self.transposed and rows.dim() == 3 else rows
+
+    def split(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """gate and up rows (or bias entries) of [E, 2I, ...]."""
+        return (gate_up[:, 0::2], gate_up[:, 1::2]) if self.interleaved else gate_up.chunk(2, dim=1)
+
+    def join(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.stack([gate, up], dim=2).flatten(1, 2) if self.interleaved else torch.cat([gate, up], dim=1)
+
+    def join_last(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """An activation's gate and up as the fused forward computes them (along the last dim)."""
+        return torch.stack([gate, up], dim=-1).flatten(-2) if self.interleaved else torch.cat([gate, up], dim=-1)
+
+
+LAYOUTS = tuple(FusedLayout(t, i) for t in (False, True) for i in (False, True))
+
+
+class ModelGate:
+    """The fused module's own gating (gpt-oss's clamped SwiGLU, ``_apply_gate``) on one expert's
+    gate and up outputs: its code, run on a copy of the module that holds none of its weights."""
+
+    def __init__(self, fused: nn.Module, layout: FusedLayout):
+        self.gating = copy.copy(fused)
+        self.gating._parameters = {}  # the shallow copy must not hold on to every expert's weights
+        self.layout = layout
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.gating._apply_gate(self.layout.join_last(gate, up))
 
 
 class Expert(nn.Module):
-    """One expert's MLP, down(act(gate(x)) * up(x)), its projections as nn.Linear."""
+    """One expert's MLP, down(act(gate(x)) * up(x)) (or down(act(up(x))) without a gate, or the
+    model's own gating of gate(x) and up(x)), its projections as nn.Linear."""
 
-    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, names: ExpertNames, device=None, dtype=None):
+    def __init__(
+        self, hidden: int, intermediate: int, act_fn: nn.Module | None, names: ExpertNames,
+        device=None, dtype=None, bias: bool = False, gate_fn: ModelGate | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.names = names
         self.act_fn = act_fn
+        self.gate_fn = gate_fn
         for name, shape in ((names.gate, (hidden, intermediate)), (names.up, (hidden, intermediate)),
                             (names.down, (intermediate, hidden))):  # fmt: skip
-            setattr(self, name, nn.Linear(*shape, bias=False, device=device, dtype=dtype))
+            if name is not None:
+                setattr(self, name, nn.Linear(*shape, bias=bias, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.names
-        return getattr(self, n.down)(self.act_fn(getattr(self, n.gate)(x)) * getattr(self, n.up)(x))
+        up = getattr(self, n.up)(x)
+        if n.gate is None:
+            hidden = self.act_fn(up)
+        elif self.gate_fn is not None:
+            hidden = self.gate_fn(getattr(self, n.gate)(x), up)
+        else:
+            hidden = self.act_fn(getattr(self, n.gate)(x)) * up
+        return getattr(self, n.down)(hidden)
 
 
 # The token rows (of the block's flattened input) the expert running now was given, when routed.
@@ -75,11 +142,22 @@ def routed_tokens() -> torch.Tensor | None:
 
 
 class LinearExperts(nn.ModuleList):
-    """The experts of one MoE block as ``Expert`` modules, called as the fused module is."""
+    """The experts of one MoE block as ``Expert`` modules, called as the fused module is.
 
-    def __init__(self, experts: list[Expert], every_token: bool = False):
+    ``fused``: where checkpoints of the model type store the fused tensors (no per-expert names
+    for transformers to merge: gpt-oss), their layout and stored shapes; a streamed run reads them
+    and splits them per expert, and the fake format writes them back fused.
+    """
+
+    def __init__(
+        self,
+        experts: list[Expert],
+        every_token: bool = False,
+        fused: tuple[FusedLayout, dict[str, tuple]] | None = None,
+    ):
         super().__init__(experts)
         self.every_token = every_token
+        self.fused = fused
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -101,21 +179,82 @@ class LinearExperts(nn.ModuleList):
         return out
 
 
-def linear_experts(fused: nn.Module, names: ExpertNames) -> LinearExperts:
+def _fused_parameters(fused: nn.Module) -> dict[str, torch.Tensor]:
+    """The fused module's own tensors by name: the projections and their biases, if any."""
+    return {name: p for name, p in fused.named_parameters(recurse=False)}
+
+
+def split_experts(tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames) -> dict[str, torch.Tensor]:
+    """Per-expert weights and biases (``3.gate_proj.weight``) from the fused tensors."""
+    gated = "gate_up_proj" in tensors
+    split: dict[str, torch.Tensor] = {}
+    for suffix, kind in (("", "weight"), ("_bias", "bias")):
+        parts: dict[str | None, torch.Tensor] = {}
+        if f"down_proj{suffix}" not in tensors:
+            continue
+        parts[names.down] = layout.rows(tensors[f"down_proj{suffix}"])
+        if gated:
+            parts[names.gate], parts[names.up] = layout.split(layout.rows(tensors[f"gate_up_proj{suffix}"]))
+        else:
+            parts[names.up] = layout.rows(tensors[f"up_proj{suffix}"])
+        for projection, stacked in parts.items():
+            for e in range(stacked.shape[0]):
+                split[f"{e}.{projection}.{kind}"] = stacked[e]
+    return split
+
+
+def join_experts(
+    tensors: dict[str, torch.Tensor], layout: FusedLayout, names: ExpertNames, n: int
+) -> dict[str, torch.Tensor]:
+    """The fused tensors from per-expert weights and biases (the inverse of ``split_experts``)."""
+    joined = {}
+    for suffix, kind in (("", "weight"), ("_bias", "bias")):
+        if f"0.{names.down}.{kind}" not in tensors:
+            continue
+        projections = [p for p in (names.gate, names.up, names.down) if p is not None]
+        stacked = {p: torch.stack([tensors[f"{e}.{p}.{kind}"] for e in range(n)]) for p in projections}
+        joined[f"down_proj{suffix}"] = layout.stored(stacked[names.down])
+        if names.gate is None:
+            joined[f"up_proj{suffix}"] = layout.stored(stacked[names.up])
+        else:
+            joined[f"gate_up_proj{suffix}"] = layout.stored(layout.join(stacked[names.gate], stacked[names.up]))
+    return joined
+
+
+def refused_experts(block: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (a block's float weights, named ``prefix`` + name) with the per-expert weights of
+    experts whose checkpoints hold them fused put back fused, so transformers loads them."""
+    tensors = dict(tensors)
+    for name, experts in block.named_modules():
+        if isinstance(experts, LinearExperts) and experts.fused is not None:
+            head = f"{prefix}{name}."
+            own = {key.removeprefix(head): tensors.pop(key) for key in list(tensors) if key.startswith(head)}
+            joined = join_experts(own, experts.fused[0], experts[0].names, len(experts))
+            tensors |= {head + key: value.contiguous() for key, value in joined.items()}
+    return dict(sorted(tensors.items()))
+
+
+def linear_experts(
+    fused: nn.Module, names: ExpertNames, layout: FusedLayout = FusedLayout(), stored_fused: bool = False
+) -> LinearExperts:
     """``fused``'s experts as linears holding the same weights (copies; meta stays meta)."""
-    gate_up, down = fused.gate_up_proj, fused.down_proj
-    n_experts, two_i, hidden = gate_up.shape
-    intermediate = two_i // 2
-    experts = []
-    for e in range(n_experts):
-        expert = Expert(hidden, intermediate, fused.act_fn, names, device=gate_up.device, dtype=gate_up.dtype)
-        if gate_up.device.type != "meta":
-            with torch.no_grad():
-                getattr(expert, names.gate).weight.copy_(gate_up[e, :intermediate])
-                getattr(expert, names.up).weight.copy_(gate_up[e, intermediate:])
-                getattr(expert, names.down).weight.copy_(down[e])
-        experts.append(expert)
-    return LinearExperts(experts)
+    tensors = _fused_parameters(fused)
+    gated = "gate_up_proj" in tensors
+    names = names if gated else ExpertNames(None, names.up, names.down)
+    down = layout.rows(tensors["down_proj"])
+    n_experts, hidden, intermediate = down.shape
+    gate_fn = ModelGate(fused, layout) if gated and hasattr(fused, "_apply_gate") else None
+    act_fn = getattr(fused, "act_fn", None)
+    bias = "down_proj_bias" in tensors
+    experts = [Expert(hidden, intermediate, act_fn, names, down.device, down.dtype, bias, gate_fn)
+               for _ in range(n_experts)]  # fmt: skip
+    if down.device.type != "meta":
+        with torch.no_grad():
+            for name, tensor in split_experts(tensors, layout, names).items():
+                index, rest = name.split(".", 1)
+                experts[int(index)].get_parameter(rest).copy_(tensor)
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    return LinearExperts(experts, fused=(layout, shapes) if stored_fused else None)
 
 
 def linearize_experts(model: nn.Module) -> int:
@@ -131,49 +270,100 @@ def linearize_experts(model: nn.Module) -> int:
     if not found:
         return 0
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    names = EXPERT_NAMES.get(model_type, ExpertNames())
-    if model_type not in EXPERT_NAMES and not _converts_exactly(found[0][1], names):
+    stored = EXPERT_NAMES.get(model_type) or stored_expert_names(model)
+    names = stored or ExpertNames()
+    layout = FusedLayout() if model_type in EXPERT_NAMES else _layout_that_converts(found[0][1], names)
+    if layout is None:
         raise UnsupportedModelError(
-            f"{model_type!r} keeps fused mixture-of-experts weights that per-expert gate, up and down linears do "
-            f"not reproduce (biases, another activation or layout); awqkit quantizes experts that they do"
+            f"{model_type!r} keeps fused mixture-of-experts weights that per-expert linears do not reproduce in any "
+            f"layout awqkit knows (another activation or forward); awqkit quantizes experts that they do"
         )
     for name, module in found:
         parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, linear_experts(module, names))
+        # No per-expert names for transformers to merge: checkpoints hold the fused tensors.
+        setattr(model.get_submodule(parent_name), attribute, linear_experts(module, names, layout, stored is None))
     return len(found)
 
 
-def _converts_exactly(fused: nn.Module, names: ExpertNames, tokens: int = 16) -> bool:
-    """Whether ``linear_experts`` computes what ``fused`` computes, on random weights and routing."""
-    if not isinstance(getattr(fused, "act_fn", None), nn.Module):  # another activation scheme
-        return False
+def stored_expert_names(model: nn.Module) -> ExpertNames | None:
+    """The per-expert projection names checkpoints of ``model``'s type store, read from the
+    conversions transformers merges them by (``experts.*.w1.weight`` and ``experts.*.w3.weight``
+    into ``experts.gate_up_proj``; ``experts.*.w2.weight`` into ``experts.down_proj``); None
+    where transformers merges none (the checkpoints store the fused tensors, or no experts)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    found: dict[str, list[str | None]] = {}
+    for conversion in get_model_conversion_mapping(model, add_legacy=False):
+        if isinstance(conversion, WeightConverter) and len(conversion.target_patterns) == 1:
+            target = conversion.target_patterns[0].rsplit(".", 1)[-1]
+            found[target] = [_per_expert_name(source) for source in conversion.source_patterns]
+    gate_up, up, down = found.get("gate_up_proj", []), found.get("up_proj", []), found.get("down_proj", [])
+    if len(gate_up) == 2 and len(down) == 1 and None not in (*gate_up, *down):
+        return ExpertNames(gate_up[0], gate_up[1], down[0])
+    if len(up) == 1 and len(down) == 1 and None not in (*up, *down):  # experts without a gate
+        return ExpertNames(None, up[0], down[0])
+    return None
+
+
+def _per_expert_name(pattern: str) -> str | None:
+    found = re.search(r"experts\.\*\.(\w+)\.weight$", pattern)
+    return found[1] if found else None
+
+
+def _layout_that_converts(fused: nn.Module, names: ExpertNames, tokens: int = 16) -> FusedLayout | None:
+    """The layout in which ``linear_experts`` computes what ``fused`` computes on random weights
+    and routing, if any: the fused module's own forward is the reference."""
+    if not isinstance(getattr(fused, "act_fn", None), nn.Module) and not hasattr(fused, "_apply_gate"):
+        return None  # another activation scheme
     probe = random_copy(fused)
-    n_experts, _, hidden = probe.gate_up_proj.shape
+    tensors = _fused_parameters(probe)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, hidden, generator=g)
-    top_k = min(2, n_experts)
-    index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
-    weights = torch.rand(tokens, top_k, generator=g)
-    try:
-        with torch.no_grad():
-            expected = probe(x, index, weights)
-            got = linear_experts(probe, names)(x, index, weights)
-    except (TypeError, ValueError, RuntimeError):  # another signature or layout
-        return False
-    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())))
+    matching = []
+    for layout in LAYOUTS:
+        n_experts, hidden, _ = layout.rows(tensors["down_proj"]).shape
+        up = tensors.get("gate_up_proj", tensors.get("up_proj"))
+        if layout.rows(up).shape[2] != hidden:
+            continue
+        x = torch.randn(tokens, hidden, generator=g)
+        top_k = min(2, n_experts)
+        index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, generator=g)
+        try:
+            with torch.no_grad():
+                expected = probe(x, index, weights)
+                got = linear_experts(probe, names, layout)(x, index, weights)
+        except (TypeError, ValueError, RuntimeError, IndexError):  # another signature or layout
+            continue
+        if torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
+            matching.append(layout)
+    # The model's own gating sees gate and up joined back as stored, so any split computes the
+    # same: the gate is the half whose zero zeroes the output (act(0) = 0: SiLU, GELU, ReLU).
+    if hasattr(fused, "_apply_gate") and "gate_up_proj" in tensors:
+        matching.sort(key=lambda layout: not _zero_gate_is_zero(probe, layout, g))
+    return matching[0] if matching else None
+
+
+def _zero_gate_is_zero(fused: nn.Module, layout: FusedLayout, g: torch.Generator) -> bool:
+    up = torch.randn(4, layout.rows(fused.down_proj).shape[2], generator=g)
+    with torch.no_grad():
+        return bool(fused._apply_gate(layout.join_last(torch.zeros_like(up), up)).abs().max() == 0)
 
 
 def router_parameters(module: nn.Module) -> set[int]:
     """ids of the parameters of MoE routers inside ``module``: the children of a block holding
     ``LinearExperts`` that own a weight and are not nn.Linear (``mlp.gate``; not Qwen2-MoE's
-    shared expert, an MLP of linears). They stay float by design."""
+    shared expert, an MLP of linears), or are one with a row per expert (Phi-MoE's router, an
+    nn.Linear subclass whose weight its forward reads). They stay float by design."""
     found = set()
     for parent in module.modules():
         children = list(parent.children())
-        if any(isinstance(child, LinearExperts) for child in children):
-            for child in children:
-                if not isinstance(child, (LinearExperts, nn.Linear)):
-                    found |= {id(p) for p in child.parameters(recurse=False)}
+        experts = next((child for child in children if isinstance(child, LinearExperts)), None)
+        for child in children if experts is not None else ():
+            if isinstance(child, LinearExperts):
+                continue
+            if not isinstance(child, nn.Linear) or child.out_features == len(experts):
+                found |= {id(p) for p in child.parameters(recurse=False)}
     return found
 
 

@@ -14,8 +14,8 @@ from awqkit.errors import UnsupportedModelError
 from awqkit.model.experts import router_names, router_parameters
 
 SUPPORTED = (
-    "decoder-only models whose blocks use nn.Linear (and short convolutions, kept float) or fused experts "
-    "awqkit knows (Mixtral, Qwen2-MoE, Qwen3-MoE)"
+    "decoder-only models whose blocks use nn.Linear (or GPT-2's Conv1D, or fused experts per-expert linears "
+    "reproduce), with convolutions and state-space parameters kept float"
 )
 
 
@@ -50,12 +50,6 @@ def find_decoder(model: nn.Module) -> DecoderLayout:
 
 
 def _check_block(block: nn.Module, model_name: str) -> None:
-    kinds = {type(m).__name__ for m in block.modules()}
-    if "Conv1D" in kinds:
-        raise UnsupportedModelError(
-            f"{model_name} stores its projections as GPT-2-style Conv1D, which awqkit does not quantize; "
-            f"supported: {SUPPORTED}"
-        )
     if not any(isinstance(m, nn.Linear) for m in block.modules()):
         raise UnsupportedModelError(f"{model_name} has no nn.Linear in its decoder blocks; supported: {SUPPORTED}")
     # A matrix outside nn.Linear (transformers' fused mixture-of-experts weights) would stay float
@@ -87,10 +81,12 @@ FLOAT_LINEARS = ("shared_expert_gate", "dt_proj")
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of one block that gets quantized, by name relative to the block, in module order."""
+    """Every nn.Linear of one block that gets quantized, by name relative to the block, in module
+    order: not the MoE routers (an nn.Linear in some models) nor ``FLOAT_LINEARS``."""
+    routers = router_parameters(block)
     return {
         name: m for name, m in block.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_LINEARS
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in FLOAT_LINEARS and id(m.weight) not in routers
     }  # fmt: skip
 
 

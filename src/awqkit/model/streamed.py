@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from awqkit.io.safetensors import FLOAT_CODES, CheckpointFiles, dtype_name
-from awqkit.model.experts import linearize_experts
+from awqkit.model.experts import LinearExperts, split_experts
 from awqkit.model.layout import DecoderLayout, find_decoder
+from awqkit.model.linearize import linearize, transposed_weights
 from awqkit.model.load import check_layer_count, check_no_custom_code, model_class
 
 log = logging.getLogger("awqkit")
@@ -51,7 +52,13 @@ class StreamedModel:
         with init_empty_weights(include_buffers=False):  # rotary tables are computed, not stored
             self.model: nn.Module = model_class(self.config).from_config(self.config)
         self.model.eval()
-        linearize_experts(self.model)
+        linearize(self.model)
+        self.transposed = transposed_weights(self.model)  # GPT-2's Conv1D weights, stored [in, out]
+        # experts whose checkpoints hold the fused tensors (gpt-oss): read fused, split per expert
+        self.fused_experts = {
+            name: module for name, module in self.model.named_modules()
+            if isinstance(module, LinearExperts) and module.fused is not None
+        }  # fmt: skip
         self.files.rename(checkpoint_renaming(self.model))
         self.layout: DecoderLayout = find_decoder(self.model)
         self._check_tensors()
@@ -61,7 +68,11 @@ class StreamedModel:
         """Every tensor the model holds is stored, in the shape the config gives it and, where the
         model holds floats, as 16-, 32- or 64-bit floats: checked from the headers before any work."""
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})  # as the config resolves them
-        expected = {name: t for name, t in self.model.state_dict().items() if name not in tied}
+        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items() if name not in tied}
+        expected |= {name: expected[name][::-1] for name in self.transposed if name in expected}
+        for prefix, experts in self.fused_experts.items():
+            expected = {n: shape for n, shape in expected.items() if not n.startswith(prefix + ".")}
+            expected |= {f"{prefix}.{n}": shape for n, shape in experts.fused[1].items()}
         missing = sorted(set(expected) - set(self.files.files))
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -70,13 +81,15 @@ class StreamedModel:
                 "the model's own (re-save it with transformers' save_pretrained)"
             )
         headers = self.files.headers()
-        for name, tensor in expected.items():
+        floats = {name for name, t in self.model.state_dict().items() if t.is_floating_point()}
+        floats |= {f"{prefix}.{n}" for prefix, experts in self.fused_experts.items() for n in experts.fused[1]}
+        for name, shape in expected.items():
             header, stored = headers[name], self.files.keys[name]
-            if header.shape != list(tensor.shape):
+            if header.shape != list(shape):
                 raise ValueError(
-                    f"{header.file}: {stored} has shape {header.shape}, but config.json makes it {list(tensor.shape)}"
+                    f"{header.file}: {stored} has shape {header.shape}, but config.json makes it {list(shape)}"
                 )
-            if tensor.is_floating_point() and header.dtype not in FLOAT_CODES:
+            if name in floats and header.dtype not in FLOAT_CODES:
                 kind = "an already quantized checkpoint" if header.dtype.startswith("F8") else "not a float"
                 raise ValueError(
                     f"{header.file}: {stored} is stored as {dtype_name(header.dtype)} ({kind}); awqkit quantizes "
@@ -101,9 +114,18 @@ class StreamedModel:
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s tensors, named relative to the block, as loaded (CPU)."""
         prefix = self.block_prefix(index)
-        names = list(self.layout.blocks[index].state_dict())
-        tensors = self.files.read([prefix + name for name in names])
-        return {name: self._as_loaded(tensors[prefix + name]) for name in names}
+        fused = {name.removeprefix(prefix): experts for name, experts in self.fused_experts.items()
+                 if name.startswith(prefix)}  # fmt: skip
+        names = [n for n in self.layout.blocks[index].state_dict() if not any(n.startswith(f + ".") for f in fused)]
+        names += [f"{f}.{n}" for f, experts in fused.items() for n in experts.fused[1]]
+        tensors = {name: self._as_loaded(t) for name, t in self.files.read([prefix + n for n in names]).items()}
+        state = {name: tensors[prefix + name] for name in names}
+        for f, experts in fused.items():
+            stored = {n: state.pop(f"{f}.{n}") for n in experts.fused[1]}
+            split = split_experts(stored, experts.fused[0], experts[0].names)
+            state |= {f"{f}.{n}": t.contiguous() for n, t in split.items()}
+        transposed = {name.removeprefix(prefix) for name in self.transposed if name.startswith(prefix)}
+        return {name: t.T.contiguous() if name in transposed else t for name, t in state.items()}
 
     def stored_name(self, name: str) -> str:
         """What the checkpoint calls the model's tensor ``name`` (Mixtral's ``block_sparse_moe`` for

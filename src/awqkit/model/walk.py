@@ -137,6 +137,12 @@ def moved(value: Any, device: torch.device | str) -> Any:
     return _map_tensors(value, lambda t: t.to(device))
 
 
+def hidden_of(output: Any) -> torch.Tensor:
+    """A block's hidden states from what it returns: the tensor, or the first of a tuple or list
+    (OpenAI GPT's blocks return a list)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Module], torch.Tensor]:
     """Runs a block, in float32 on the CPU, on the first calibration window entering block ``index``
     (held by this worker) with that block's own arguments: what scale-group discovery probes."""
@@ -147,7 +153,7 @@ def first_window_probe(inputs: BlockInputs, index: int = 0) -> Callable[[nn.Modu
     def probe(block: nn.Module) -> torch.Tensor:
         h, a, k = as_float
         out = block(h, *a, **k)
-        return out[0] if isinstance(out, tuple) else out
+        return hidden_of(out)
 
     return probe
 
@@ -412,7 +418,7 @@ def walk_blocks(
                 for b, h, (args, kwargs) in zip(inputs.batches, hidden, inputs.args[index]):
                     recorder.start_batch(b, rows_per_batch[b])
                     out = forward(h, *args, **kwargs)
-                    outputs.append(out[0] if isinstance(out, tuple) else out)
+                    outputs.append(hidden_of(out))
         finally:
             for handle in handles:
                 handle.remove()

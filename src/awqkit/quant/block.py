@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from awqkit.config import QuantizeConfig
 from awqkit.errors import NonFiniteError
 from awqkit.model.layout import block_linears
 from awqkit.model.scale_groups import UNCLIPPED, ScaleGroup, foldable
-from awqkit.model.walk import BlockArgs, BlockVisit, LinearStats, window_count, window_of
+from awqkit.model.walk import BlockArgs, BlockVisit, LinearStats, hidden_of, window_count, window_of
 from awqkit.quant.clip import clip_search
 from awqkit.quant.fold import fold_normalizer, fold_scales
 from awqkit.quant.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
@@ -57,10 +56,6 @@ class QuantizedLinear:
     quantized: GroupQuantized | None
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 class ModuleOutputError:
     """The MSE of ``module``'s output when the named weights (stacked by rows) are replaced by W_hat,
     on the module's recorded inputs. The module runs one calibration window at a time and the
@@ -81,7 +76,7 @@ class ModuleOutputError:
         args, kwargs = self.windows[window]
         with torch.no_grad():
             out = self.module(*args, **kwargs) if params is None else functional_call(self.module, params, args, kwargs)
-        return _first(out).float()
+        return hidden_of(out).float()
 
     def _reference(self, window: int) -> torch.Tensor:
         if window not in self._references:
