@@ -26,7 +26,7 @@ from awqkit.config import DEFAULT_MAX_SHARD_SIZE, QuantizeConfig, parse_size
 from awqkit.data.tokens import calibration_data
 from awqkit.formats.folder import write_model_files
 from awqkit.formats.gguf import check_gguf_model, check_gguf_tokenizer
-from awqkit.formats.tensors import block_tensors, check_packable
+from awqkit.formats.tensors import check_packable, stored_block_tensors
 from awqkit.io.publish import check_not_input, check_output_dir, publish, recover_interrupted_publish, writes_named
 from awqkit.io.resume import (
     Progress,
@@ -42,7 +42,7 @@ from awqkit.io.shards import ShardWriter
 from awqkit.model.discover import discover_blocks
 from awqkit.model.experts import has_experts
 from awqkit.model.layout import DecoderLayout, block_linears, find_decoder, float_linears, linear_classes
-from awqkit.model.linearize import as_stored, linearize
+from awqkit.model.linearize import linearize
 from awqkit.model.load import DTYPES, load_tokenizer, resolve_model_folder
 from awqkit.model.scale_groups import Architecture, architecture_of, per_linear_groups
 from awqkit.model.streamed import StreamedModel
@@ -413,9 +413,7 @@ class _BlockWriter:
             progress.next_block = visit.index + 1
             if weights is not None and scales is not None:
                 quantized = {name: linear.quantized for name, linear in linears.items() if linear.quantized is not None}
-                tensors = block_tensors(prefix, visit.stored_state(), quantized, run.config.format)
-                if run.config.format == "fake":  # float weights, in the form the checkpoint stores them
-                    tensors = as_stored(visit.block, prefix, tensors)
+                tensors = stored_block_tensors(visit.block, prefix, visit.stored_state(), quantized, run.config.format)
                 weights.add(run.source.stored_names(tensors))
                 scales.add({run.stored(prefix + name): linear.scales for name, linear in linears.items()})
                 progress.writers = {"model": weights.state(), "scales": scales.state()}

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from awqkit.cli import main
 from awqkit.model.experts import (
     LinearExperts,
+    experts_fused_back,
     linearize_experts,
-    refused_experts,
     router_names,
     set_every_token,
     stored_expert_names,
@@ -349,7 +349,7 @@ def test_gpt_oss_experts_convert_in_their_layout_with_biases_and_the_models_own_
         before = model(ids).logits
     assert linearize_experts(model) == 1
     experts = model.model.layers[0].mlp.experts
-    layout, shapes = experts.fused
+    layout, shapes = experts.fused.layout, experts.fused.shapes
     assert (layout.transposed, layout.interleaved) == (True, True)
     assert shapes["gate_up_proj"] == tuple(fused.gate_up_proj.shape)
     # expert 1's gate is column 2k of its fused [H, 2I] block, its up column 2k + 1
@@ -360,10 +360,10 @@ def test_gpt_oss_experts_convert_in_their_layout_with_biases_and_the_models_own_
         after = model(ids).logits
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
     state = {f"x.{n}": t for n, t in experts.state_dict().items()}
-    assert {n: t.shape for n, t in refused_experts(torch.nn.ModuleDict({"x": experts}), "", state).items()} == {
+    assert {n: t.shape for n, t in experts_fused_back(torch.nn.ModuleDict({"x": experts}), "", state).items()} == {
         f"x.{n}": p.shape for n, p in fused.named_parameters()
     }
-    for name, tensor in refused_experts(torch.nn.ModuleDict({"x": experts}), "", state).items():
+    for name, tensor in experts_fused_back(torch.nn.ModuleDict({"x": experts}), "", state).items():
         assert torch.equal(tensor, fused.get_parameter(name.removeprefix("x."))), name
 
 

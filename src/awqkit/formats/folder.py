@@ -13,11 +13,10 @@ from safetensors.torch import save_file
 
 from awqkit.config import DEFAULT_MAX_SHARD_SIZE, parse_size
 from awqkit.formats.gguf import GGUF_TYPES, write_gguf
-from awqkit.formats.tensors import block_tensors, write_quantization_config
+from awqkit.formats.tensors import stored_block_tensors, write_quantization_config
 from awqkit.io.publish import write_atomically
 from awqkit.io.shards import ShardWriter
 from awqkit.model.layout import find_decoder, float_linears, linear_classes
-from awqkit.model.linearize import as_stored
 
 
 def save_quantized(
@@ -46,8 +45,7 @@ def save_quantized(
             prefix = f"{blocks}{index}."
             block_state = {n.removeprefix(prefix): t for n, t in state.items() if n.startswith(prefix)}
             block_q = {n.removeprefix(prefix): q for n, q in quantized.items() if n.startswith(prefix)}
-            tensors = block_tensors(prefix, block_state, block_q, format)
-            writer.add(as_stored(layout.blocks[index], prefix, tensors) if format == "fake" else tensors)
+            writer.add(stored_block_tensors(layout.blocks[index], prefix, block_state, block_q, format))
         writer.finish()
         generation = model.generation_config if model.can_generate() else None
         write_model_files(

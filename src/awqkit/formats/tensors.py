@@ -17,6 +17,7 @@ from torch import nn
 from awqkit.formats.awq_gemm import awq_gemm_tensors, awq_quantization_config
 from awqkit.formats.gguf import gguf_blocks
 from awqkit.formats.pack_quantized import pack_quantized_tensors, write_pack_quantized_config
+from awqkit.model.linearize import as_stored
 from awqkit.quant.grid import GroupQuantized
 
 PACKED_FORMATS = ("awq", "compressed-tensors", "gguf")
@@ -59,6 +60,16 @@ def block_tensors(
             packed = awq_gemm_tensors(q) if format == "awq" else pack_quantized_tensors(q, dtype)
             tensors.update({f"{name}.{key}": value for key, value in packed.items()})
     return {prefix + name: tensors[name].contiguous() for name in sorted(tensors)}
+
+
+def stored_block_tensors(
+    block: nn.Module, prefix: str, state: dict[str, torch.Tensor], quantized: dict[str, GroupQuantized], format: str
+) -> dict[str, torch.Tensor]:
+    """``block_tensors``, with fake's float weights in the form the checkpoint stores them (experts
+    fused again, GPT-2's Conv1D transposed back), so transformers loads them as it loaded the input;
+    packed formats keep one tensor set per linear."""
+    tensors = block_tensors(prefix, state, quantized, format)
+    return as_stored(block, prefix, tensors) if format == "fake" else tensors
 
 
 def write_quantization_config(

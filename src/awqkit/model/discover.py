@@ -53,12 +53,7 @@ def _readers_and_producers(
         for name, m in block.named_modules()
         if name
     ]
-    try:
-        with torch.no_grad():
-            output = probe(block)
-    finally:
-        for handle in handles:
-            handle.remove()
+    output = _probed(block, probe, handles)
     groups: list[tuple[list[str], torch.Tensor]] = []
     for name, tensor in inputs:
         group = next((g for g in groups if g[1] is tensor), None)
@@ -86,13 +81,17 @@ def _first_outputs(
         block.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out))
         for name in names
     ]
+    return seen, _probed(block, probe, handles)
+
+
+def _probed(block: nn.Module, probe: Probe, handles: list) -> torch.Tensor:
+    """The block's output on the probe with the hooks of ``handles`` in place, removed after."""
     try:
         with torch.no_grad():
-            output = probe(block)
+            return probe(block)
     finally:
         for handle in handles:
             handle.remove()
-    return seen, output
 
 
 def _unchanged(after: torch.Tensor, before: torch.Tensor) -> bool:

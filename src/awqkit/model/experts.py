@@ -20,6 +20,7 @@ import copy
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -90,6 +91,13 @@ class FusedLayout:
 LAYOUTS = tuple(FusedLayout(t, i) for t in (False, True) for i in (False, True))
 
 
+class FusedStorage(NamedTuple):
+    """How a checkpoint stores experts it holds fused: the layout and each fused tensor's shape."""
+
+    layout: FusedLayout
+    shapes: dict[str, tuple[int, ...]]
+
+
 class ModelGate:
     """The fused module's own gating (gpt-oss's clamped SwiGLU, ``_apply_gate``) on one expert's
     gate and up outputs: its code, run on a copy of the module that holds none of its weights."""
@@ -153,7 +161,7 @@ class LinearExperts(nn.ModuleList):
         self,
         experts: list[Expert],
         every_token: bool = False,
-        fused: tuple[FusedLayout, dict[str, tuple]] | None = None,
+        fused: FusedStorage | None = None,
     ):
         super().__init__(experts)
         self.every_token = every_token
@@ -221,7 +229,7 @@ def join_experts(
     return joined
 
 
-def refused_experts(block: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def experts_fused_back(block: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` (a block's float weights, named ``prefix`` + name) with the per-expert weights of
     experts whose checkpoints hold them fused put back fused, so transformers loads them."""
     tensors = dict(tensors)
@@ -229,7 +237,7 @@ def refused_experts(block: nn.Module, prefix: str, tensors: dict[str, torch.Tens
         if isinstance(experts, LinearExperts) and experts.fused is not None:
             head = f"{prefix}{name}."
             own = {key.removeprefix(head): tensors.pop(key) for key in list(tensors) if key.startswith(head)}
-            joined = join_experts(own, experts.fused[0], experts[0].names, len(experts))
+            joined = join_experts(own, experts.fused.layout, experts[0].names, len(experts))
             tensors |= {head + key: value.contiguous() for key, value in joined.items()}
     return dict(sorted(tensors.items()))
 
@@ -254,17 +262,17 @@ def linear_experts(
                 index, rest = name.split(".", 1)
                 experts[int(index)].get_parameter(rest).copy_(tensor)
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    return LinearExperts(experts, fused=(layout, shapes) if stored_fused else None)
+    return LinearExperts(experts, fused=FusedStorage(layout, shapes) if stored_fused else None)
 
 
 def linearize_experts(model: nn.Module) -> int:
     """Replace every fused experts module of ``model`` by ``LinearExperts``; returns how many.
 
-    A model type in ``EXPERT_NAMES`` converts by its names. Any other converts with the usual
-    names (``experts.3.gate_proj``) only where a random-weight copy of its fused module and of the
-    converted experts compute the same on random routed tokens; a fused module that differs (biases,
-    a clamped activation, another layout) is an error rather than experts left float or computed
-    wrong.
+    A model type in ``EXPERT_NAMES`` converts by its names and the plain layout. Any other takes
+    the names transformers merges from its checkpoints (``stored_expert_names``) and the layout in
+    which a random-weight copy of its fused module and the converted experts compute the same on
+    random routed tokens; a fused module no layout reproduces (another forward) is an error rather
+    than experts left float or computed wrong.
     """
     found = [(name, module) for name, module in model.named_modules() if is_fused_experts(module)]
     if not found:

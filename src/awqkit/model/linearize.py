@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from awqkit.model.experts import linearize_experts, refused_experts
+from awqkit.model.experts import experts_fused_back, linearize_experts
 
 
 class TransposedLinear(nn.Linear):
@@ -48,7 +48,7 @@ def transposed_weights(module: nn.Module) -> set[str]:
 def as_stored(block: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A block's float tensors (named ``prefix`` + name) in the form its checkpoint stores them:
     fused experts fused again, Conv1D weights transposed back."""
-    tensors = refused_experts(block, prefix, tensors)
+    tensors = experts_fused_back(block, prefix, tensors)
     for name in transposed_weights(block):
         tensors[prefix + name] = tensors[prefix + name].T.contiguous()
     return tensors

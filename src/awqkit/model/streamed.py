@@ -72,7 +72,7 @@ class StreamedModel:
         expected |= {name: expected[name][::-1] for name in self.transposed if name in expected}
         for prefix, experts in self.fused_experts.items():
             expected = {n: shape for n, shape in expected.items() if not n.startswith(prefix + ".")}
-            expected |= {f"{prefix}.{n}": shape for n, shape in experts.fused[1].items()}
+            expected |= {f"{prefix}.{n}": shape for n, shape in experts.fused.shapes.items()}
         missing = sorted(set(expected) - set(self.files.files))
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -82,7 +82,7 @@ class StreamedModel:
             )
         headers = self.files.headers()
         floats = {name for name, t in self.model.state_dict().items() if t.is_floating_point()}
-        floats |= {f"{prefix}.{n}" for prefix, experts in self.fused_experts.items() for n in experts.fused[1]}
+        floats |= {f"{prefix}.{n}" for prefix, experts in self.fused_experts.items() for n in experts.fused.shapes}
         for name, shape in expected.items():
             header, stored = headers[name], self.files.keys[name]
             if header.shape != list(shape):
@@ -117,12 +117,12 @@ class StreamedModel:
         fused = {name.removeprefix(prefix): experts for name, experts in self.fused_experts.items()
                  if name.startswith(prefix)}  # fmt: skip
         names = [n for n in self.layout.blocks[index].state_dict() if not any(n.startswith(f + ".") for f in fused)]
-        names += [f"{f}.{n}" for f, experts in fused.items() for n in experts.fused[1]]
+        names += [f"{f}.{n}" for f, experts in fused.items() for n in experts.fused.shapes]
         tensors = {name: self._as_loaded(t) for name, t in self.files.read([prefix + n for n in names]).items()}
         state = {name: tensors[prefix + name] for name in names}
         for f, experts in fused.items():
-            stored = {n: state.pop(f"{f}.{n}") for n in experts.fused[1]}
-            split = split_experts(stored, experts.fused[0], experts[0].names)
+            stored = {n: state.pop(f"{f}.{n}") for n in experts.fused.shapes}
+            split = split_experts(stored, experts.fused.layout, experts[0].names)
             state |= {f"{f}.{n}": t.contiguous() for n, t in split.items()}
         transposed = {name.removeprefix(prefix) for name in self.transposed if name.startswith(prefix)}
         return {name: t.T.contiguous() if name in transposed else t for name, t in state.items()}
