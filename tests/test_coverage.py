@@ -45,7 +45,7 @@ from awqkit.quant.fold import fold_scales
 README = Path(__file__).parents[1] / "README.md"
 BEGIN, END = "<!-- coverage table: tests/test_coverage.py -->", "<!-- end of coverage table -->"
 
-VISION_LANGUAGE = ("gemma3", "llava", "mistral3", "qwen2_5_vl", "qwen3_5", "qwen3_vl")
+VISION_LANGUAGE = ("gemma3", "llama4", "llava", "mistral3", "qwen2_5_vl", "qwen3_5", "qwen3_vl")
 MODEL_TYPES = sorted({*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *VISION_LANGUAGE})
 # The families the breadth issue names: each must quantize in both forms.
 NAMED = (

@@ -332,12 +332,51 @@ def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
 
 
+class _SquaredExperts(torch.nn.Module):
+    """Fused experts whose forward is not an MLP of their weights: down(act(gate) * up)^2."""
+
+    def __init__(self, experts: torch.nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = experts.gate_up_proj, experts.down_proj, experts.act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for token in range(hidden_states.shape[0]):
+            for slot, e in enumerate(top_k_index[token].tolist()):
+                gate, up = (hidden_states[token] @ self.gate_up_proj[e].T).chunk(2)
+                out[token] += top_k_weights[token, slot] * ((self.act_fn(gate) * up) @ self.down_proj[e].T) ** 2
+        return out
+
+
 def test_fused_experts_that_per_expert_linears_do_not_reproduce_are_refused():
     from awqkit.errors import UnsupportedModelError
 
-    model = _tiny_moe("llama4_text", num_key_value_heads=2)  # experts called on all tokens, pre-weighted
-    with pytest.raises(UnsupportedModelError, match="'llama4_text' keeps fused mixture-of-experts weights that"):
+    model = _tiny_moe("olmoe")
+    model.model.layers[0].mlp.experts = _SquaredExperts(model.model.layers[0].mlp.experts)
+    with pytest.raises(UnsupportedModelError, match="'olmoe' keeps fused mixture-of-experts weights that"):
         linearize_experts(model)
+
+
+def test_llama4_experts_run_on_their_stacked_routing_weighted_rows_and_see_only_routed_tokens():
+    """Llama-4 calls its experts on every token, stacked per expert and weighted by the router's
+    score (zero where not routed): the linears compute the same, and each expert's statistics
+    hold its routed tokens only, with the search rows among them."""
+    model = _tiny_moe("llama4_text", num_key_value_heads=2, num_experts_per_tok=1)
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    assert linearize_experts(model) == 1
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    layout = find_decoder(model)
+    inputs = capture_block_inputs(layout, ids, 2, torch.float32)
+    (visit,) = walk_blocks(layout, inputs, search_indices=search_token_indices(ids.numel(), 8, 0))
+    routed = {e: visit.stats[f"feed_forward.experts.{e}.gate_proj"].count for e in range(4)}
+    assert sum(routed.values()) == ids.numel()  # top-1: each token at one expert
+    for e in range(4):
+        stats = visit.stats[f"feed_forward.experts.{e}.gate_proj"]
+        assert all(torch.all(rows.abs().sum(dim=1) > 0) for *_, rows in stats.batches.values())
 
 
 def test_gpt_oss_experts_convert_in_their_layout_with_biases_and_the_models_own_gating():

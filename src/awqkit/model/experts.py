@@ -12,6 +12,8 @@ weighted sum of its top-k experts' outputs. With ``every_token`` (the default fo
 each expert also runs on the tokens not routed to it, so its linears' statistics and search
 tokens come from every calibration token (llm-compressor's ``moe_calibrate_all_experts``), while
 the output still sums only the routed experts, so the next block sees the true hidden states.
+Llama-4 calls its experts another way, on every token stacked per expert and pre-weighted by the
+router (``LinearExperts._stacked``).
 """
 
 from __future__ import annotations
@@ -168,23 +170,45 @@ class LinearExperts(nn.ModuleList):
         self.fused = fused
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if top_k_index is None:
+            return self._stacked(hidden_states)
         out = torch.zeros_like(hidden_states)
         for index, expert in enumerate(self):
             token, slot = torch.where(top_k_index == index)
             if self.every_token:
                 y = expert(hidden_states)[token]  # every token through the expert; only the routed ones add up
             elif token.numel():
-                entered = _ROUTED_TOKENS.set(token)  # so statistics know which tokens these are
-                try:
-                    y = expert(hidden_states[token])
-                finally:
-                    _ROUTED_TOKENS.reset(entered)
+                y = _run_routed(expert, hidden_states, token)
             else:
                 continue
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out
+
+    def _stacked(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Llama-4's convention: [E * T, H], expert e's inputs the e-th T rows, each token already
+        weighted by its router score, zero where not routed. An expert runs on its rows that are
+        not zero (bias-free experts give 0 for 0), so ``every_token`` has nothing to add here."""
+        per_expert = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(per_expert)
+        for index, (expert, x) in enumerate(zip(self, per_expert)):
+            token = x.any(dim=-1).nonzero().squeeze(1)
+            if token.numel():
+                out[index, token] = _run_routed(expert, x, token).to(out.dtype)
+        return out.view_as(hidden_states)
+
+
+def _run_routed(expert: Expert, hidden_states: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``expert`` on the rows ``token`` of ``hidden_states``, telling statistics which rows they are."""
+    entered = _ROUTED_TOKENS.set(token)
+    try:
+        return expert(hidden_states[token])
+    finally:
+        _ROUTED_TOKENS.reset(entered)
 
 
 def _fused_parameters(fused: nn.Module) -> dict[str, torch.Tensor]:
@@ -333,23 +357,34 @@ def _layout_that_converts(fused: nn.Module, names: ExpertNames, tokens: int = 16
         up = tensors.get("gate_up_proj", tensors.get("up_proj"))
         if layout.rows(up).shape[2] != hidden:
             continue
-        x = torch.randn(tokens, hidden, generator=g)
-        top_k = min(2, n_experts)
-        index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
-        weights = torch.rand(tokens, top_k, generator=g)
-        try:
-            with torch.no_grad():
-                expected = probe(x, index, weights)
-                got = linear_experts(probe, names, layout)(x, index, weights)
-        except (TypeError, ValueError, RuntimeError, IndexError):  # another signature or layout
-            continue
-        if torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
-            matching.append(layout)
+        for call in _expert_calls(n_experts, hidden, tokens, g):
+            try:
+                with torch.no_grad():
+                    expected = probe(*call)
+                    got = linear_experts(probe, names, layout)(*call)
+            except (TypeError, ValueError, RuntimeError, IndexError):  # another signature or layout
+                continue
+            if torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())):
+                matching.append(layout)
+                break
     # The model's own gating sees gate and up joined back as stored, so any split computes the
     # same: the gate is the half whose zero zeroes the output (act(0) = 0: SiLU, GELU, ReLU).
     if hasattr(fused, "_apply_gate") and "gate_up_proj" in tensors:
         matching.sort(key=lambda layout: not _zero_gate_is_zero(probe, layout, g))
     return matching[0] if matching else None
+
+
+def _expert_calls(n_experts: int, hidden: int, tokens: int, g: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
+    """Random arguments for both ways transformers calls fused experts: tokens with their top-k
+    experts and weights; or (Llama-4) every expert's copy of the tokens stacked, routing-weighted,
+    about half of them zero (not routed)."""
+    x = torch.randn(tokens, hidden, generator=g)
+    top_k = min(2, n_experts)
+    index = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    stacked = torch.randn(n_experts * tokens, hidden, generator=g)
+    routed = torch.rand(n_experts * tokens, 1, generator=g) < 0.5
+    return [(x, index, weights), (stacked * routed,)]
 
 
 def _zero_gate_is_zero(fused: nn.Module, layout: FusedLayout, g: torch.Generator) -> bool:
