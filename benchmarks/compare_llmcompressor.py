@@ -87,6 +87,14 @@ AWQKIT_METHODS = {
     "shared-greedy-both-clip": [
         "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--scaling", "both", "--clip",
     ],
+    # second order: the Gram matrix of each input (GPTQ rounding, the search error over every token)
+    "gram": ["--rounding", "nearest", "--search-error", "gram"],
+    "gptq": ["--rounding", "gptq"],
+    "gptq-after": ["--rounding", "gptq", "--rounding-after-search"],
+    "gptq-gram": ["--rounding", "gptq", "--search-error", "gram"],
+    "gptq-clip": ["--rounding", "gptq", "--clip"],
+    "shared-gptq": ["--scales", "shared", "--objective", "module", "--rounding", "gptq"],
+    "shared-gptq-clip": ["--scales", "shared", "--objective", "module", "--rounding", "gptq", "--clip"],
 }  # fmt: skip
 # llm-compressor's AWQ variants: name -> llmcompressor_awq.py --duo-scaling (llmc is its default, duo)
 LLMC_METHODS = {LLMC: "true", "llmc-activation": "false", "llmc-both": "both"}
@@ -151,6 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     p.add_argument(
         "--methods", type=_names, default=d.methods, help=f"from {','.join([*LLMC_METHODS, *AWQKIT_METHODS])}"
     )
+    p.add_argument("--bits", type=int, help=f"bits per weight, every method (default {d.bits})")
     p.add_argument("--n-calib", type=int, help=f"calibration windows for the comparison (default {d.n_calib})")
     p.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default {d.seq_len})")
     p.add_argument(
@@ -304,7 +313,7 @@ def quality(report: dict, names: list[str]) -> dict[str, dict[str, dict]]:
 def compare_pair(
     name: str, folder: Path, group: int, methods: list[str], s: Settings, llmc_python: Path, rates: dict
 ) -> dict:
-    where = s.out / f"{model_label(name)}-g{group}"
+    where = s.out / f"{model_label(name)}-w{s.bits}-g{group}"
     tokens = write_calibration_tokens(folder, s.n_calib, s.seq_len, s.seed, where / "calib-tokens.npy")
     runs: dict[str, list[Run]] = {m: [] for m in methods}
     for repeat in range(s.repeats):
@@ -375,8 +384,9 @@ def comparison_table(pairs: list[dict]) -> str:
                 ]  # fmt: skip
             rows.append([pair["model"], str(pair["group_size"]), method, *cells,
                          f"{q['fortunes']['ppl']:.2f}", paired_ci(q["fortunes"]), f"{q['foldoc']['ppl']:.2f}", paired_ci(q["foldoc"])])  # fmt: skip
+    first = next(iter(pairs[0]["quality"])) if pairs else LLMC  # every CI is against the first model
     header = ["model", "group", "method", "wall s", "CPU s", "peak RSS GiB", "wall / llmc", "CPU / llmc", "RSS / llmc",
-              "fortunes ppl", "dNLL vs llmc [95% CI]", "foldoc ppl", "dNLL vs llmc [95% CI]"]  # fmt: skip
+              "fortunes ppl", f"dNLL vs {first} [95% CI]", "foldoc ppl", f"dNLL vs {first} [95% CI]"]  # fmt: skip
     return markdown_table(header, rows)
 
 

@@ -18,6 +18,7 @@ CASES = {
     "per-linear greedy clip both": ["--group-size", "32", "--rounding", "greedy", "--clip", "--scaling", "both"],
     "shared module greedy awq": ["--group-size", "32", "--scales", "shared", "--objective", "module", "--rounding", "greedy", "--format", "awq"],
     "shared nearest compressed-tensors": ["--group-size", "32", "--scales", "shared", "--format", "compressed-tensors"],
+    "per-linear gptq gram clip": ["--group-size", "32", "--rounding", "gptq", "--search-error", "gram", "--clip"],
 }  # fmt: skip
 
 
@@ -46,13 +47,16 @@ def _run(workers: int, *args, **kwargs) -> subprocess.CompletedProcess:
 
 
 # per-linear nearest runs on SmolLM2 below; greedy with clipping covers the per-linear path here
-@pytest.mark.parametrize("case", ["per-linear greedy clip both", "shared module greedy awq"])
+@pytest.mark.parametrize(
+    "case", ["per-linear greedy clip both", "shared module greedy awq", "per-linear gptq gram clip"]
+)
 def test_two_workers_write_the_one_worker_bytes(case, tiny_llama_dir, calib_text, tmp_path):
     for workers in (1, 2):
         done = _run(workers, tiny_llama_dir, tmp_path / f"w{workers}", calib_text, *CASES[case])
         assert done.returncode == 0, done.stderr[-2000:]
-    # Bit for bit: the statistics are pooled per batch and summed in batch order, as one worker sums
-    # them, and each candidate's rows, quantized apart, are gathered whole before its error is taken.
+    # Bit for bit: the statistics (Gram matrices too) are pooled per batch and summed in batch order,
+    # as one worker sums them, and each candidate's rows, quantized apart, are gathered whole before
+    # its error is taken.
     assert output_hashes(tmp_path / "w1") == output_hashes(tmp_path / "w2")
 
 

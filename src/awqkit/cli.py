@@ -76,9 +76,12 @@ def _run_quantize(args: argparse.Namespace) -> int:
     )  # fmt: skip
     alphas = [layer.alpha for layer in result.layers.values()]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, worker 0 wrote the folder
-        fallbacks = sum(layer.fallback is not None for layer in result.layers.values())
-        rtn = f"; {fallbacks} saw fewer than {config.min_tokens} tokens and got RTN" if fallbacks else ""
-        print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}{rtn}")
+        fallbacks = [layer.fallback for layer in result.layers.values() if layer.fallback is not None]
+        rtn = fallbacks.count("rtn")
+        said = f"; {rtn} saw fewer than {config.min_tokens} tokens and got RTN" if rtn else ""
+        if len(fallbacks) > rtn:
+            said += f"; {len(fallbacks) - rtn} rounded to nearest where GPTQ's H could not be factored"
+        print(f"wrote {args.out}: {len(alphas)} linears, mean alpha {sum(alphas) / len(alphas):.3f}{said}")
     return 0
 
 

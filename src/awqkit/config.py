@@ -12,7 +12,9 @@ from typing import Any, Literal, get_args
 
 from awqkit.formats.grids import check_format_grid
 
-Rounding = Literal["nearest", "greedy"]
+Rounding = Literal["nearest", "greedy", "gptq"]
+SearchError = Literal["tokens", "gram"]
+GptqOrder = Literal["activation", "stored"]
 Scaling = Literal["activation", "duo", "both"]
 Scales = Literal["per-linear", "shared"]
 Objective = Literal["linear", "module"]
@@ -24,6 +26,8 @@ ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 SCALINGS: tuple[str, ...] = get_args(Scaling)
 CHOICES: dict[str, tuple[str, ...]] = {
     "rounding": ROUNDINGS,
+    "search_error": get_args(SearchError),
+    "gptq_order": get_args(GptqOrder),
     "scaling": SCALINGS,
     "scales": get_args(Scales),
     "objective": get_args(Objective),
@@ -47,7 +51,23 @@ class QuantizeConfig:
     n_calib: int = option(128, "calibration windows")
     seq_len: int = option(512, "tokens per calibration window, BOS included")
     seed: int = option(42, "seed of the window draw and of the search-token sample")
-    rounding: Rounding = option("nearest", "nearest, or greedy flip rounding toward zero mean output error")
+    rounding: Rounding = option(
+        "nearest", "nearest; greedy: flips toward zero mean output error; gptq: GPTQ's column-by-column error "
+        "compensation from the input's Gram matrix, on the static group grid"
+    )  # fmt: skip
+    rounding_after_search: bool = option(
+        False, "search alpha (and clip) with nearest rounding, then round the chosen grid with --rounding once "
+        "(cheaper; otherwise alpha fits the rounding)"
+    )  # fmt: skip
+    search_error: SearchError = option(
+        "tokens", "what the search's linear error is measured on: the --max-search-tokens sample, or every "
+        "calibration token through the input's Gram matrix (gram)"
+    )  # fmt: skip
+    gptq_damp: float = option(0.01, "gptq: dampening added to H's diagonal, as a share of its mean")
+    gptq_block_size: int = option(128, "gptq: columns per lazy block update")
+    gptq_order: GptqOrder = option(
+        "activation", "gptq: columns by decreasing E[x^2] (act order; the group grid stays static) or as stored"
+    )
     scaling: Scaling = option(
         "activation",
         "activation: s = E[x^2]^alpha; duo: s = E|x|^alpha / mean|W|^(1-alpha); both: search the two, keep the better",
@@ -92,6 +112,11 @@ class QuantizeConfig:
         "recorded as a fallback"
     )  # fmt: skip
 
+    @property
+    def needs_gram(self) -> bool:
+        """Whether the walk keeps each input's Gram matrix (in^2 float64 numbers per input)."""
+        return self.rounding == "gptq" or self.search_error == "gram"
+
     def validate(self) -> None:
         check_quant_args(self.bits, self.group_size)
         for name, allowed in CHOICES.items():
@@ -102,6 +127,10 @@ class QuantizeConfig:
             raise ValueError(
                 "shared scales fold one s into the norm every expert reads, measured on every token: "
                 "use --moe-calibration all"
+            )
+        if self.gptq_damp <= 0 or self.gptq_block_size < 1:
+            raise ValueError(
+                f"gptq-damp must be > 0 and gptq-block-size >= 1, got {self.gptq_damp} and {self.gptq_block_size}"
             )
         if self.min_tokens < 1:
             raise ValueError(f"min-tokens must be >= 1, got {self.min_tokens}")

@@ -127,6 +127,7 @@ def quantize_blocks(
         start=start,
         workers=workers,
         every_token=config.moe_calibration == "all",
+        gram=config.needs_gram,
     )
     bar = tqdm(total=len(layout.blocks), initial=start, desc="blocks", unit="block", disable=not progress)
     while True:

@@ -17,7 +17,7 @@ def test_statistics_match_the_inputs_and_shared_inputs_share_them():
     ]
     indices = search_token_indices(windows.numel(), 20, 3)
     inputs = capture_block_inputs(layout, windows, 3, torch.float32)
-    stats = next(walk_blocks(layout, inputs, search_indices=indices)).stats
+    stats = next(walk_blocks(layout, inputs, search_indices=indices, gram=True)).stats
     for hook in hooks:
         hook.remove()
     assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
@@ -29,3 +29,5 @@ def test_statistics_match_the_inputs_and_shared_inputs_share_them():
         assert torch.allclose(stats[name].mean_square(), x.square().mean(0))
         assert torch.allclose(stats[name].mean(), x.mean(0))
         assert torch.equal(stats[name].search_tokens(), x[indices].float())
+        # E[x x^T] over every token, from the batches' float32 products added in float64
+        assert torch.allclose(stats[name].second_moment(), x.T @ x / 64, rtol=1e-5, atol=1e-6)

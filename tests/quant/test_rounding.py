@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from awqkit.quant.grid import expand_groups, quantize_groupwise
-from awqkit.quant.rounding import GreedyFlipRounding, outlier_mask, row_output_error
+from awqkit.quant.rounding import GreedyFlipRounding, make_rounding, outlier_mask, row_output_error
 
 
 def _case(seed: int = 0, out: int = 24, inp: int = 96, bits: int = 4, group_size: int = 32):
@@ -117,3 +117,33 @@ def test_numpy_closest_columns_agree_with_topk_and_break_ties_by_column():
         assert torch.equal(_closest_columns_numpy(distance)(k), expected)
     tied = torch.tensor([[0.25, 0.0, 0.25, 0.0, 1.0]])
     assert _closest_columns_numpy(tied)(5).tolist() == [[1, 3, 0, 2, 4]]
+
+
+def test_gptq_at_a_grid_point_sees_the_input_through_the_scales():
+    """W * s multiplies x / s: the factory's H is M / (s s^T). Against GPTQ given M itself, it
+    lowers the true output error of Q(W*s)/s on x."""
+    from awqkit.quant.gptq import gptq_rounding
+    from awqkit.quant.grid import dequantize_groupwise
+    from awqkit.quant.search import linear_output_error
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 64, generator=g) * 10 ** (2 * torch.rand(64, generator=g))
+    w = torch.randn(32, 64, generator=g)
+    m = x.double().T @ x.double() / x.shape[0]
+    s = x.square().mean(0).pow(0.5)
+    error = linear_output_error(x, w)
+
+    def stored(rounding):
+        return dequantize_groupwise(quantize_groupwise(w * s, 3, 16, rounding)) / s
+
+    seen_through_s = make_rounding("gptq", x.mean(0), 0.05, m)(s)
+    assert error(stored(seen_through_s)) < 0.9 * error(stored(gptq_rounding(m, 0.01, 128, True)))
+
+
+def test_gptq_falls_back_to_nearest_where_h_cannot_be_factored_and_says_so():
+    from awqkit.quant.grid import round_nearest
+
+    factory = make_rounding("gptq", torch.zeros(4), 0.05, torch.full((4, 4), float("nan"), dtype=torch.float64))
+    assert factory(torch.ones(4)) is round_nearest and factory.fell_back
+    with pytest.raises(ValueError, match="gptq rounding needs the input's second moment"):
+        make_rounding("gptq", torch.zeros(4), 0.05)

@@ -5,6 +5,7 @@ from awqkit.quant.search import (
     alpha_grid,
     awq_scales,
     duo_scales,
+    gram_output_error,
     linear_output_error,
     scale_candidates,
     search_alpha,
@@ -64,6 +65,17 @@ def test_error_equals_mse_of_biased_outputs():
     # in float32 the product is float32 and only the sums float64
     in_float = linear_output_error(x, w)(w_hat.float())
     assert abs(in_float - result.error) <= 1e-4 * result.error
+
+
+def test_the_gram_error_equals_the_token_error_on_the_same_tokens():
+    w, x, salience = _layer()
+    x = x * torch.linspace(0.1, 10, x.shape[1])  # channels of very different size
+    second_moment = x.double().T @ x.double() / x.shape[0]
+    for alpha in (0.0, 0.5, 1.0):
+        s = awq_scales(salience, alpha).float()
+        w_hat = dequantize_groupwise(quantize_groupwise(w * s, 3, 16)) / s
+        tokens, gram = linear_output_error(x, w)(w_hat), gram_output_error(second_moment, w)(w_hat)
+        assert abs(gram - tokens) <= 1e-5 * tokens
 
 
 def _argmin_with(error_of, w, x, salience, n_grid=10):

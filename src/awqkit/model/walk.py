@@ -1,8 +1,8 @@
 """The block walk: one block's input statistics at a time, while the decoder runs block by block.
 
 Block i sees the float outputs of block i-1. Per linear the walk keeps only float64 running sums of
-x, x^2 and |x| and a pre-drawn token subsample for the search, so memory holds one block's
-statistics plus the hidden states of the windows.
+x, x^2 and |x| and a pre-drawn token subsample for the search (and, when asked, the Gram matrix of
+the input), so memory holds one block's statistics plus the hidden states of the windows.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from awqkit.errors import NonFiniteError
 from awqkit.model.experts import routed_tokens, set_every_token
 from awqkit.model.layout import DecoderLayout, block_linears
+from awqkit.quant.gram import BatchOrderSum, batch_gram
 from awqkit.workers import Workers
 
 
@@ -34,17 +35,19 @@ class LinearStats:
 
     Each batch adds float64 sums of x, x^2 and |x| and its share of the search tokens; the totals
     add the batches up in batch order, so workers that each ran some batches and then pooled
-    them (``_pool``) hold exactly what one worker running them all would.
+    them (``_pool``) hold exactly what one worker running them all would. ``gram``, when kept,
+    adds up each batch's X^T X the same way.
     """
 
     in_features: int
     device: torch.device | str = "cpu"
     # batch -> (sum x, sum x^2, sum |x|, tokens, search-token rows)
     batches: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
+    gram: BatchOrderSum | None = None
 
     @classmethod
-    def empty(cls, in_features: int, device: torch.device | str = "cpu") -> LinearStats:
-        return cls(in_features, device)
+    def empty(cls, in_features: int, device: torch.device | str = "cpu", gram: bool = False) -> LinearStats:
+        return cls(in_features, device, gram=BatchOrderSum() if gram else None)
 
     def add(self, x: torch.Tensor, sample_rows: torch.Tensor, batch: int | None = None) -> None:
         x = x.reshape(-1, x.shape[-1])
@@ -52,6 +55,8 @@ class LinearStats:
         batch = len(self.batches) if batch is None else batch
         sums = (x64.sum(dim=0), x64.square().sum(dim=0), x64.abs().sum(dim=0))
         self.batches[batch] = (*sums, x.shape[0], x[sample_rows.to(x.device)])
+        if self.gram is not None:
+            self.gram.add(batch, batch_gram(x))
 
     def _total(self, part: int) -> torch.Tensor:
         total = torch.zeros(self.in_features, dtype=torch.float64, device=self.device)
@@ -76,6 +81,12 @@ class LinearStats:
 
     def search_tokens(self) -> torch.Tensor:
         return torch.cat([self.batches[batch][4] for batch in sorted(self.batches)])
+
+    def second_moment(self) -> torch.Tensor:
+        """E[x x^T] [in, in] over every calibration token (float64): the Gram matrix over the count."""
+        if self.gram is None:
+            raise RuntimeError("this walk kept no Gram matrices (walk_blocks(gram=True))")
+        return self.gram.value() / self.count
 
 
 BlockArgs = tuple[tuple, dict]  # positional args after hidden_states, and keyword args
@@ -314,7 +325,49 @@ def _pool(
                 search_rows = their_rows[row_at : row_at + n_rows * n_in].view(n_rows, n_in)
                 sum_at, row_at = sum_at + 3 * n_in, row_at + n_rows * n_in
                 stats[name].batches[batch] = (s1, s2, s_abs, count, search_rows)
+    if stats[owners[0]].gram is not None:
+        _pool_grams([stats[name] for name in owners], workers, device)
     return moved(workers.broadcast(moved(module_inputs, "cpu")), device)
+
+
+def _pool_grams(owners: list[LinearStats], workers: Workers, device: torch.device) -> None:
+    """Every worker's Gram sums into one batch-order sum on every worker (``BatchOrderSum.pooled``).
+
+    Per statistic, travels: its prefix length, whether the prefix added anything, its waiting
+    batch count and ids (int64); its float64 prefix sum, if any; its waiting batches' products.
+    """
+    header, prefixes, waiting = [], [], []
+    for stats in owners:
+        gram = stats.gram
+        given = sorted(b for b, value in gram.waiting.items() if value is not None)
+        header += [gram.upto, gram.total is not None, len(given), *given]
+        prefixes += [gram.total.reshape(-1)] if gram.total is not None else []
+        waiting += [gram.waiting[b].reshape(-1) for b in given]
+    empty = torch.zeros(0, device=device)
+    packed = [
+        torch.tensor(header, dtype=torch.int64, device=device),
+        torch.cat(prefixes) if prefixes else empty.double(),
+        torch.cat(waiting) if waiting else empty,
+    ]
+    everyone = workers.everyones_tensors(packed)
+    per_stats: list[list[BatchOrderSum]] = [[] for _ in owners]
+    for their_header, their_prefixes, their_waiting in everyone:
+        values, at, prefix_at, waiting_at = their_header.tolist(), 0, 0, 0
+        for i, stats in enumerate(owners):
+            size, shape = stats.in_features**2, (stats.in_features, stats.in_features)
+            part = BatchOrderSum()
+            part.upto, has_total, n_waiting = values[at : at + 3]
+            batches, at = values[at + 3 : at + 3 + n_waiting], at + 3 + n_waiting
+            if has_total:
+                part.total, prefix_at = their_prefixes[prefix_at : prefix_at + size].view(shape), prefix_at + size
+            for batch in batches:
+                part.waiting[batch], waiting_at = (
+                    their_waiting[waiting_at : waiting_at + size].view(shape),
+                    waiting_at + size,
+                )
+            per_stats[i].append(part)
+    for stats, parts in zip(owners, per_stats):
+        stats.gram = BatchOrderSum.pooled(parts)
 
 
 def _search_rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -354,6 +407,12 @@ class _InputRecorder:
     def start_batch(self, batch: int, rows: torch.Tensor) -> None:
         self.batch, self.rows, self.seen = batch, rows, []
 
+    def end_batch(self) -> None:
+        """Gram sums of linears this batch never reached (experts no token was routed to) move on."""
+        for stats in {id(s): s for s in self.stats.values()}.values():
+            if stats.gram is not None and self.batch not in stats.batches:
+                stats.gram.add(self.batch, None)
+
     def record_linear(self, name: str, module: nn.Module, args: tuple) -> None:
         """Linears fed the same tensor (q, k, v; gate, up) share one set of statistics."""
         x = args[0]
@@ -380,13 +439,15 @@ def walk_blocks(
     start: int = 0,
     workers: Workers = Workers(),
     every_token: bool = True,
+    gram: bool = False,
 ) -> Iterator[BlockVisit]:
     """Visit the blocks from ``start`` on, one at a time, with the input statistics of their linears.
 
     Each block is loaded from ``block_state`` (the model's own blocks by default), copied to
     ``device`` in float32 for the caller to quantize, and run in ``compute_dtype``. ``inputs``
     holds the hidden states entering block ``start`` for the batches this worker runs; the
-    statistics pool every worker's batches. Only the visited block is in memory.
+    statistics pool every worker's batches. Only the visited block is in memory. With ``gram``
+    the statistics keep each linear input's Gram matrix too (in^2 float64 numbers per input).
     """
     device = torch.device(device)
     block_state = block_state or in_memory_state(layout)
@@ -409,7 +470,7 @@ def walk_blocks(
         stored_dtypes = {name: tensor.dtype for name, tensor in state.items()}
         del state
         linears = block_linears(forward)
-        stats = {name: LinearStats.empty(linear.in_features, device) for name, linear in linears.items()}
+        stats = {name: LinearStats.empty(linear.in_features, device, gram) for name, linear in linears.items()}
         recorder = _InputRecorder(stats)
         handles = recorder.attach(forward, linears, record_modules)
         outputs = []
@@ -419,6 +480,7 @@ def walk_blocks(
                     recorder.start_batch(b, rows_per_batch[b])
                     out = forward(h, *args, **kwargs)
                     outputs.append(hidden_of(out))
+                    recorder.end_batch()
         finally:
             for handle in handles:
                 handle.remove()

@@ -23,13 +23,15 @@ from awqkit.model.walk import BlockArgs, BlockVisit, LinearStats, hidden_of, win
 from awqkit.quant.clip import clip_search
 from awqkit.quant.fold import fold_normalizer, fold_scales
 from awqkit.quant.grid import GroupQuantized, dequantize_groupwise, quantize_groupwise
-from awqkit.quant.rounding import RoundingFactory, make_rounding
+from awqkit.quant.rounding import GptqFactory, GptqOptions, RoundingFactory, make_rounding
 from awqkit.quant.rows import ALL_ROWS, RowShare, gather_quantized
 from awqkit.quant.search import (
     ErrorFn,
     SearchResult,
     alpha_grid,
+    gram_output_error,
     linear_output_error,
+    round_again,
     scale_candidates,
     search_scales,
 )
@@ -44,7 +46,8 @@ class LayerRecord:
     scaling: str = "activation"
     clip: float | None = None  # the mean range ratio kept over the layer's groups (--clip)
     clipped: float | None = None  # the share of its groups clipped (--clip)
-    fallback: str | None = None  # "rtn": too few calibration tokens to search (alpha 0, error None)
+    # "rtn": too few calibration tokens to search (alpha 0, error None); or why the rounding fell back
+    fallback: str | None = None
     folded_into: str | None = None  # shared scales: the op 1/s folded into (None: s = 1 on the grid)
 
 
@@ -117,12 +120,19 @@ def _group_error(
         module = visit.forward.get_submodule(group.module)
         names = [f"{name.removeprefix(group.module + '.')}.weight" for name in group.balance]
         return module_output_error(module, names, sizes, visit.module_inputs[group.module])
-    return linear_output_error(visit.stats[group.balance[0]].search_tokens(), w)
+    stats = visit.stats[group.balance[0]]
+    if config.search_error == "gram":
+        return gram_output_error(stats.second_moment(), w)
+    return linear_output_error(stats.search_tokens(), w)
 
 
-def _rounding(config: QuantizeConfig, stats: LinearStats, timings: dict[str, float]) -> RoundingFactory:
-    rounding = make_rounding(config.rounding, stats.mean(), config.outlier_percent)
+def _rounding(config: QuantizeConfig, stats: LinearStats) -> RoundingFactory:
+    gptq = GptqOptions(config.gptq_damp, config.gptq_block_size, config.gptq_order == "activation")
+    second_moment = stats.second_moment() if config.rounding == "gptq" else None
+    return make_rounding(config.rounding, stats.mean(), config.outlier_percent, second_moment, gptq)
 
+
+def _timed(config: QuantizeConfig, rounding: RoundingFactory, timings: dict[str, float]) -> RoundingFactory:
     def timed_rounding(scales: torch.Tensor):
         strategy = rounding(scales)
 
@@ -165,7 +175,10 @@ def _search(
     process quantizes its ``rows`` of the group's weight."""
     stats = visit.stats[group.balance[0]]
     error_of = _group_error(visit, group, w, sizes, config)
-    rounding = _rounding(config, stats, timings)
+    factory = _rounding(config, stats)
+    rounding = _timed(config, factory, timings)
+    # Rounded after the search: alpha and the clip ranges chosen with nearest rounding.
+    searched_with = make_rounding("nearest", stats.mean(), 0.0) if config.rounding_after_search else rounding
     if scale_free:  # a shared group with nowhere to fold: s = 1, on the grid
         candidates = scale_candidates("activation", [0.0], stats.mean_square())
     else:
@@ -174,12 +187,16 @@ def _search(
             config.scaling, alphas, stats.mean_square(), stats.mean_abs(), w, config.group_size
         )
     grid = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
-    result = search_scales(w, candidates, error_of, rounding=rounding, rows=rows, **grid)
+    result = search_scales(w, candidates, error_of, rounding=searched_with, rows=rows, **grid)
     if config.clip:
         with timed(timings, "clip"):
             frozen = _unclipped_rows(group, sizes, w.device)
-            result = clip_search(w, result, stats.search_tokens(), error_of, rounding=rounding,
+            result = clip_search(w, result, stats.search_tokens(), error_of, rounding=searched_with,
                                  symmetric=config.symmetric, frozen_rows=frozen, rows=rows)  # fmt: skip
+    if config.rounding_after_search:
+        result = round_again(w, result, error_of, rounding=rounding, symmetric=config.symmetric, rows=rows)
+    if isinstance(factory, GptqFactory) and factory.fell_back:
+        result = replace(result, fallback="nearest: H not positive definite at any dampening")
     return result
 
 
@@ -197,7 +214,7 @@ def _record(
     clip = None if result.clip is None else result.clip[rows]
     return LayerRecord(
         result.alpha,
-        None if fallback else result.error,
+        None if fallback == "rtn" else result.error,
         flips,
         result.scaling,
         # float64 sums of ratios in [0.55, 1] are exact, so the record does not depend on the order
@@ -275,7 +292,11 @@ def quantize_block(
             # Integers fit in uint8 (bits <= 8): a quarter of the float memory while they wait.
             grid = replace(q, q=q_part.to(torch.uint8).cpu(), scale=scale.cpu(), zero=zero.cpu())
             record = _record(
-                result, flips, slice(starts[i], starts[i] + sizes[i]), fallback, group.folds_into if folds else None
+                result,
+                flips,
+                slice(starts[i], starts[i] + sizes[i]),
+                fallback or result.fallback,
+                group.folds_into if folds else None,
             )
             done[name] = (
                 QuantizedLinear(record, result.scales.float().cpu().clone(), grid if on_grid else None),

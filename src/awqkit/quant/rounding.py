@@ -1,8 +1,10 @@
-"""Which integer each weight takes: nearest, or nearest corrected by global greedy flips.
+"""Which integer each weight takes: nearest, nearest corrected by global greedy flips, or GPTQ.
 
 A rounding strategy maps ``u = w / scale + zero`` (per column) to integers in [0, max_int].
-Both strategies share ``round_nearest``; greedy only ever moves an integer to the other
-neighbour of ``u``, so with no flips it is nearest rounding, bit for bit.
+Every strategy shares ``round_nearest``; greedy only ever moves an integer to the other
+neighbour of ``u``, so with no flips it is nearest rounding, bit for bit. GPTQ (``gptq.py``)
+rounds column by column and moves the columns not yet rounded to cancel the error, from the
+input's second moment.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from awqkit.config import ROUNDINGS
+from awqkit.quant.gptq import gptq_rounding
 from awqkit.quant.grid import RoundingFn, round_nearest
 
 
@@ -138,10 +141,47 @@ def _closest_columns_numpy(distance: torch.Tensor) -> Callable[[int], torch.Tens
 RoundingFactory = Callable[[torch.Tensor], RoundingFn]
 
 
-def make_rounding(name: str, act_mean: torch.Tensor, outlier_percent: float) -> RoundingFactory:
-    """The rounding for one layer: ``act_mean`` is E[X] of its unscaled input."""
+@dataclass(frozen=True)
+class GptqOptions:
+    damp: float = 0.01  # of H's mean diagonal, added to it (raised tenfold where Cholesky fails)
+    block_size: int = 128  # columns per lazy update
+    act_order: bool = True  # columns by decreasing E[x_j^2] (the grid stays static)
+
+
+class GptqFactory:
+    """GPTQ at each grid point: H = M / (s s^T), the second moment ``M`` of the unscaled input
+    seen through the scales (W * s multiplies x / s). ``fell_back``: H could not be factored at
+    some grid point, which then rounded to nearest."""
+
+    def __init__(self, second_moment: torch.Tensor, options: GptqOptions):
+        self.second_moment, self.options = second_moment.double(), options
+        self.fell_back = False
+
+    def __call__(self, scales: torch.Tensor) -> RoundingFn:
+        s = scales.to(self.second_moment)
+        o = self.options
+        rounding = gptq_rounding(self.second_moment / (s[:, None] * s[None, :]), o.damp, o.block_size, o.act_order)
+        if rounding is None:
+            self.fell_back = True
+            return round_nearest
+        return rounding
+
+
+def make_rounding(
+    name: str,
+    act_mean: torch.Tensor,
+    outlier_percent: float,
+    second_moment: torch.Tensor | None = None,
+    gptq: GptqOptions = GptqOptions(),
+) -> RoundingFactory:
+    """The rounding for one layer: ``act_mean`` is E[X] of its unscaled input, ``second_moment``
+    E[x x^T] (GPTQ only)."""
     if name == "nearest":
         return lambda scales: round_nearest
     if name == "greedy":
         return lambda scales: GreedyFlipRounding(act_mean / scales, outlier_percent)
+    if name == "gptq":
+        if second_moment is None:
+            raise ValueError("gptq rounding needs the input's second moment")
+        return GptqFactory(second_moment, gptq)
     raise ValueError(f"unknown rounding {name!r}; choose one of {', '.join(ROUNDINGS)}")

@@ -3,9 +3,11 @@
 For alpha = i / n_grid: s = E[x^2]^alpha (clamped at 1e-5; "activation" scaling) or
 s = E|x|^alpha / mean|W^|^(1 - alpha) ("duo", llm-compressor's default), W_hat = Q(W * s) / s, and
 the error is what the caller measures on W_hat. The search tries a list of candidate scales and
-keeps the first with the least error, whichever form they come from. For one linear (or several reading the same input, stacked by
-rows) it is mean((X (W - W_hat)^T)^2): that equals the MSE of X W^T + b against X W_hat^T + b
-exactly, since the bias cancels, and one product per alpha avoids subtracting two large outputs.
+keeps the first with the least error, whichever form they come from. For one linear (or several
+reading the same input, stacked by rows) it is mean((X (W - W_hat)^T)^2): that equals the MSE of
+X W^T + b against X W_hat^T + b exactly, since the bias cancels, and one product per alpha avoids
+subtracting two large outputs. X is a seeded sample of the calibration tokens, or every token
+through the input's second moment (``GramOutputError``).
 """
 
 from __future__ import annotations
@@ -148,6 +150,31 @@ def linear_output_error(x: torch.Tensor, w: torch.Tensor) -> LinearOutputError:
     return LinearOutputError(x, w)
 
 
+class GramOutputError(LinearOutputError):
+    """The same mean((X (W - W_hat)^T)^2), over every calibration token, from the input's second
+    moment M = E[x x^T] = G / n: tr(dW M dW^T) / out. One product of out x in x in per W_hat
+    instead of tokens x in x out, and no token sample. Summed per ``ROW_CHUNK`` rows in float64
+    like the token form (the product in float32)."""
+
+    def __init__(self, second_moment: torch.Tensor, w: torch.Tensor):
+        self.m, self.w = second_moment.float(), w
+        self.n_parts = -(-w.shape[0] // ROW_CHUNK)
+
+    def chunk_sums(self, w_hat: torch.Tensor, rows: slice) -> torch.Tensor:
+        d = (self.w[rows] - w_hat).float()
+        sums = [(c @ self.m).mul_(c).to(torch.float64).sum() for c in d.split(ROW_CHUNK)]
+        return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64, device=self.m.device)
+
+    def mean(self, sums: torch.Tensor) -> float:
+        return (sums.sum() / self.w.shape[0]).item()
+
+
+def gram_output_error(second_moment: torch.Tensor, w: torch.Tensor) -> GramOutputError:
+    """The output MSE of the linear(s) with weight ``w`` over every token whose inputs have second
+    moment ``second_moment`` [in, in]."""
+    return GramOutputError(second_moment, w)
+
+
 def whole_errors(error_of: ErrorFn, rows: RowShare, w_hats: Iterable[torch.Tensor], n_rows: int) -> list[float]:
     """The error of each whole W_hat when this process holds ``w_hats``, its ``rows`` of each.
 
@@ -183,6 +210,7 @@ class SearchResult:
     errors: list[float]  # one per candidate tried, in order
     scaling: str = "activation"
     clip: torch.Tensor | None = None  # per-group range ratios [out, n_groups] when clipped
+    fallback: str | None = None  # why the rounding asked for was not the one applied
 
     def dequantized(self) -> torch.Tensor:
         """The weight to store in float: Q(W * s) / s."""
@@ -231,6 +259,28 @@ def search_scales(
     quantized = gather_quantized(rows, quantized_at(scales[best]), n_rows)
     chosen = candidates[best]
     return SearchResult(chosen.alpha, scales[best], quantized, errors[best], errors, chosen.scaling)
+
+
+def round_again(
+    w: torch.Tensor,
+    result: SearchResult,
+    error_of: ErrorFn,
+    *,
+    rounding: RoundingFactory,
+    symmetric: bool = False,
+    rows: RowShare = ALL_ROWS,
+) -> SearchResult:
+    """``result``'s grid (scales and clip) rounded by ``rounding`` instead, with its error: the
+    rounding applied once after a search that chose with another."""
+    n_rows = w.shape[0]
+    part = rows.part(n_rows)
+    q, s = result.quantized, result.scales
+    clip = None if result.clip is None else result.clip[part]
+    quantized = quantize_groupwise(w[part] * s, q.bits, q.group_size, rounding(s), symmetric=symmetric, clip=clip)
+    error = whole_error(error_of, rows, dequantize_groupwise(quantized).div_(s), n_rows)
+    if not math.isfinite(error):
+        raise NonFiniteError(f"the output error after rounding is {error}")
+    return replace(result, quantized=gather_quantized(rows, quantized, n_rows), error=error)
 
 
 def search_alpha(
