@@ -28,9 +28,10 @@ def awq_unpack_by_definition(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def ct_unpack_by_definition(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """compressed-tensors pack-quantized: 32/bits unsigned values per int32 along ``dim``, value k
-    in bits k*bits.., each the signed integer plus 2^(bits-1); returns the unsigned values."""
+def ct_unpack_by_definition(packed: torch.Tensor, bits: int, dim: int, length: int) -> torch.Tensor:
+    """compressed-tensors pack-quantized: floor(32/bits) unsigned values per int32 along ``dim``
+    (3 bits: 10, two bits unused), value k in bits k*bits.., each the signed integer plus
+    2^(bits-1), the last word padded with zeros; returns the first ``length`` unsigned values."""
     per_word = 32 // bits
     words = packed if dim == 1 else packed.T
     out = torch.empty(words.shape[0], words.shape[1] * per_word, dtype=torch.int64)
@@ -39,6 +40,7 @@ def ct_unpack_by_definition(packed: torch.Tensor, bits: int, dim: int) -> torch.
             word = int(words[r, j]) & 0xFFFFFFFF
             for k in range(per_word):
                 out[r, per_word * j + k] = (word >> (bits * k)) & (2**bits - 1)
+    out = out[:, :length]
     return out if dim == 1 else out.T
 
 
@@ -76,14 +78,14 @@ def test_awq_tensors_hold_the_integers_zeros_and_fp16_scales():
     assert torch.equal(weight.T, dequantize_groupwise(rounded))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_compressed_tensors_packing_matches_its_definition(bits):
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
     q = quantize_groupwise(w, bits, 16)
     t = pack_quantized_tensors(GroupQuantized(q.q.to(torch.uint8), q.scale, q.zero, bits, 16), torch.bfloat16)
     assert t["weight_shape"].tolist() == [16, 64]
-    assert torch.equal(ct_unpack_by_definition(t["weight_packed"], bits, dim=1), q.q.long())
-    assert torch.equal(ct_unpack_by_definition(t["weight_zero_point"], bits, dim=0), q.zero.long())
+    assert torch.equal(ct_unpack_by_definition(t["weight_packed"], bits, dim=1, length=64), q.q.long())
+    assert torch.equal(ct_unpack_by_definition(t["weight_zero_point"], bits, dim=0, length=16), q.zero.long())
     assert torch.equal(t["weight_scale"], q.scale.to(torch.bfloat16))
 
 
@@ -143,6 +145,22 @@ def test_compressed_tensors_export_loads_in_transformers_with_the_fake_weights(e
     with torch.no_grad():
         a, b = fake(ids).logits.float(), packed(ids).logits.float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_compressed_tensors_loads_in_transformers_with_the_fake_weights(bits, tiny_llama_dir, calib_text, tmp_path):
+    """3 bits pack 10 per int32 (two bits unused), 2 bits 16: transformers reads both back."""
+    for fmt in ("fake", "compressed-tensors"):
+        args = ["--quiet", "quantize", str(tiny_llama_dir), "--out", str(tmp_path / fmt), "--calib-data", str(calib_text)]
+        assert main([*args, *FAST, "--scales", "shared", "--bits", str(bits), "--rounding", "gptq", "--format", fmt]) == 0
+    config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    fake, packed = loaded_pair(tmp_path / "fake", tmp_path / "compressed-tensors")
+    fake_state, packed_state = fake.state_dict(), packed.state_dict()
+    for name, tensor in fake_state.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            assert torch.allclose(packed_state[name].float(), tensor.float(), rtol=2**-7, atol=0), name
+            assert len(torch.unique(tensor[0, :G])) <= 2**bits, name  # one group: at most 2^bits values
 
 
 def test_info_reports_formats_and_bits_per_weight(exports, tiny_llama_dir):
