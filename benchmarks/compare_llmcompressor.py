@@ -95,6 +95,9 @@ AWQKIT_METHODS = {
     "gptq-clip": ["--rounding", "gptq", "--clip"],
     "shared-gptq": ["--scales", "shared", "--objective", "module", "--rounding", "gptq"],
     "shared-gptq-clip": ["--scales", "shared", "--objective", "module", "--rounding", "gptq", "--clip"],
+    "shared-gptq-after-clip": [
+        "--scales", "shared", "--objective", "module", "--rounding", "gptq", "--rounding-after-search", "--clip",
+    ],
 }  # fmt: skip
 # llm-compressor's AWQ variants: name -> llmcompressor_awq.py --duo-scaling (llmc is its default, duo)
 LLMC_METHODS = {LLMC: "true", "llmc-activation": "false", "llmc-both": "both"}

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from awqkit.config import ROUNDINGS
 from awqkit.model.layout import block_linears, find_decoder
 from awqkit.model.shipped import SHIPPED, shipped_model
 from awqkit.pipeline import MEASUREMENTS
@@ -293,7 +294,7 @@ def read_awqkit_record(run: Run, out: Path) -> Run:
 
 def rounding_s(stages: dict[str, float]) -> float:
     """The rounding stage, which awqkit times apart from the search and names after the rounding."""
-    return stages.get("greedy", stages.get("nearest", 0.0))
+    return next((stages[name] for name in ROUNDINGS if name in stages), 0.0)
 
 
 def awqkit_command(folder: Path, out: Path, options: list[str], quant: list[str]) -> list[str]:

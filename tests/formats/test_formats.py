@@ -148,11 +148,23 @@ def test_compressed_tensors_export_loads_in_transformers_with_the_fake_weights(e
 
 
 @pytest.mark.parametrize("bits", [2, 3])
-def test_low_bit_compressed_tensors_loads_in_transformers_with_the_fake_weights(bits, tiny_llama_dir, calib_text, tmp_path):
+def test_low_bit_compressed_tensors_loads_in_transformers_with_the_fake_weights(
+    bits, tiny_llama_dir, calib_text, tmp_path
+):
     """3 bits pack 10 per int32 (two bits unused), 2 bits 16: transformers reads both back."""
     for fmt in ("fake", "compressed-tensors"):
-        args = ["--quiet", "quantize", str(tiny_llama_dir), "--out", str(tmp_path / fmt), "--calib-data", str(calib_text)]
-        assert main([*args, *FAST, "--scales", "shared", "--bits", str(bits), "--rounding", "gptq", "--format", fmt]) == 0
+        args = [
+            "--quiet",
+            "quantize",
+            str(tiny_llama_dir),
+            "--out",
+            str(tmp_path / fmt),
+            "--calib-data",
+            str(calib_text),
+        ]
+        assert (
+            main([*args, *FAST, "--scales", "shared", "--bits", str(bits), "--rounding", "gptq", "--format", fmt]) == 0
+        )
     config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
     assert config["config_groups"]["group_0"]["weights"]["num_bits"] == bits
     fake, packed = loaded_pair(tmp_path / "fake", tmp_path / "compressed-tensors")
