@@ -71,8 +71,8 @@ def test_nearest_is_bit_identical_with_greedy_compiled_out(smollm2_dir, calib_id
     greedy_no_flips = run(QuantizeConfig(**{**SMALL.__dict__, "rounding": "greedy", "outlier_percent": 1.0}))
     greedy = run(QuantizeConfig(**{**SMALL.__dict__, "rounding": "greedy"}))
 
-    def nearest_only(name, act_mean, outlier_percent):
-        assert name == "nearest"
+    def nearest_only(name, act_mean, outlier_percent, second_moment=None, gptq=None):
+        assert name == "nearest" and second_moment is None
         return lambda scales: round_nearest
 
     monkeypatch.setattr(awqkit.quant.block, "make_rounding", nearest_only)
