@@ -322,7 +322,11 @@ def _tiny_moe(model_type: str, **overrides) -> torch.nn.Module:
                          moe_shared_expert_intermediate_size=64))],
 )  # fmt: skip
 def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(model_type, overrides):
-    model = _tiny_moe(model_type, **overrides)
+    _linearize_keeping_the_logits(_tiny_moe(model_type, **overrides))
+
+
+def _linearize_keeping_the_logits(model: torch.nn.Module) -> torch.Tensor:
+    """Converts ``model``'s one fused experts module, asserts the logits stay; returns the ids."""
     ids = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         before = model(ids).logits
@@ -330,6 +334,7 @@ def test_experts_of_a_type_outside_the_table_convert_when_they_compute_the_same(
     with torch.no_grad():
         after = model(ids).logits
     assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    return ids
 
 
 class _SquaredExperts(torch.nn.Module):
@@ -362,13 +367,7 @@ def test_llama4_experts_run_on_their_stacked_routing_weighted_rows_and_see_only_
     score (zero where not routed): the linears compute the same, and each expert's statistics
     hold its routed tokens only, with the search rows among them."""
     model = _tiny_moe("llama4_text", num_key_value_heads=2, num_experts_per_tok=1)
-    ids = torch.randint(0, 512, (2, 12))
-    with torch.no_grad():
-        before = model(ids).logits
-    assert linearize_experts(model) == 1
-    with torch.no_grad():
-        after = model(ids).logits
-    assert torch.allclose(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    ids = _linearize_keeping_the_logits(model)
     layout = find_decoder(model)
     inputs = capture_block_inputs(layout, ids, 2, torch.float32)
     (visit,) = walk_blocks(layout, inputs, search_indices=search_token_indices(ids.numel(), 8, 0))
